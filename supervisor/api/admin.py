@@ -1,0 +1,179 @@
+"""Lifecycle routes (``/api/v1/...``, Lemonade-shaped), Ollama's ``/api/ps``, metrics, health.
+
+These let a user see and steer what is resident: load and pin, unload one or all, change idle
+timeouts at runtime, watch lifecycle events as they happen, and scrape Prometheus metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import time
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from supervisor import __version__
+from supervisor.api.body import read_body
+from supervisor.api.keys import MANAGER, METRICS, STARTED_AT
+from supervisor.lifecycle import State
+
+routes = web.RouteTableDef()
+
+_SSE_KEEPALIVE_S = 15.0
+
+
+def _seconds_or_never(value: float) -> float | None:
+    return None if math.isinf(value) else value
+
+
+@routes.get("/health")
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+@routes.get("/api/v1/health")
+async def api_health(request: web.Request) -> web.Response:
+    manager = request.app[MANAGER]
+    loaded = [
+        {"model_name": s.name, "type": s.recipe.type, "pid": s.pid, "device": s.device}
+        for s in manager.slots.values() if s.state is State.READY
+    ]
+    return web.json_response({
+        "status": "ok",
+        "version": __version__,
+        "model_loaded": loaded[0]["model_name"] if len(loaded) == 1 else None,
+        "all_models_loaded": loaded,
+    })
+
+
+@routes.get("/api/v1/status")
+async def status(request: web.Request) -> web.Response:
+    manager = request.app[MANAGER]
+    settings = manager.settings
+    global_timeout = (
+        manager.runtime_global_idle_timeout_s
+        if manager.runtime_global_idle_timeout_s is not None
+        else settings.auto_unload_timer_s
+    )
+    global_source = (
+        "runtime" if manager.runtime_global_idle_timeout_s is not None
+        else settings.sources.get("auto_unload_timer_s", "default")
+    )
+    return web.json_response({
+        "server": {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - request.app[STARTED_AT], 3),
+            "auto_unload_timer_s": _seconds_or_never(global_timeout),
+            "auto_unload_timer_source": global_source,
+            "max_loaded_models": settings.max_loaded_models,
+            "max_loaded_per_type": dict(settings.max_loaded_per_type),
+            "memory_budget_bytes": manager.memory_budget_bytes,
+            "spawns": manager.spawns,
+        },
+        "models": manager.status(),
+    })
+
+
+@routes.post("/api/v1/load")
+async def load(request: web.Request) -> web.Response:
+    manager = request.app[MANAGER]
+    body = await read_body(request)
+    name = body.model_name("model_name")
+    assert name is not None
+    pinned = body.boolean("pinned", default=False) if body.has("pinned") else None
+    idle_timeout = body.idle_timeout("idle_timeout", required=False)
+    slot = await manager.load(name, pinned=pinned, idle_timeout_s=idle_timeout)
+    return web.json_response({
+        "status": "success",
+        "model_name": name,
+        "state": slot.state.value,
+        "pid": slot.pid,
+        "load_seconds": slot.load_seconds,
+        "pinned": slot.pinned,
+    })
+
+
+@routes.post("/api/v1/unload")
+async def unload(request: web.Request) -> web.Response:
+    manager = request.app[MANAGER]
+    body = await read_body(request, allow_empty=True)
+    name = body.model_name("model_name", required=False)
+    force = body.boolean("force", default=False)
+    if name is None:
+        unloaded = await manager.unload_all(force=force)
+        return web.json_response({"status": "success", "unloaded": unloaded})
+    was_loaded = await manager.unload(name, force=force)
+    return web.json_response({
+        "status": "success",
+        "model_name": name,
+        "unloaded": [name] if was_loaded else [],
+        "message": None if was_loaded else f"model '{name}' was not loaded",
+    })
+
+
+@routes.post("/api/v1/timeout")
+async def set_timeout(request: web.Request) -> web.Response:
+    manager = request.app[MANAGER]
+    body = await read_body(request)
+    name = body.model_name("model_name", required=False)
+    seconds = body.idle_timeout("idle_timeout", required=True)
+    assert seconds is not None
+    manager.set_idle_timeout(name, seconds)
+    return web.json_response({
+        "status": "success",
+        "model_name": name,
+        "idle_timeout_s": _seconds_or_never(seconds),
+    })
+
+
+@routes.get("/api/v1/events")
+async def events(request: web.Request) -> web.StreamResponse:
+    manager = request.app[MANAGER]
+    response = web.StreamResponse(headers={
+        "Content-Type": "text/event-stream",
+        "Cache-Control": "no-cache",
+        "X-Accel-Buffering": "no",
+    })
+    await response.prepare(request)
+    async with manager.events.subscribe() as queue:
+        await response.write(b": connected\n\n")
+        while True:
+            try:
+                event = await asyncio.wait_for(queue.get(), _SSE_KEEPALIVE_S)
+            except TimeoutError:
+                await response.write(b": keep-alive\n\n")
+                continue
+            payload = json.dumps(event, separators=(",", ":"))
+            await response.write(f"event: {event['event']}\ndata: {payload}\n\n".encode())
+
+
+@routes.get("/api/ps")
+async def ollama_ps(request: web.Request) -> web.Response:
+    """Ollama's running-models list, so Ollama tooling can read what is resident."""
+    manager = request.app[MANAGER]
+    models: list[dict[str, Any]] = []
+    for row in manager.status():
+        if row["state"] != State.READY.value:
+            continue
+        memory = row["memory"]
+        models.append({
+            "name": row["name"],
+            "model": row["name"],
+            "size": memory["rss_bytes"] + memory["vram_bytes"],
+            "size_vram": memory["vram_bytes"],
+            "digest": "",
+            "details": {"family": row["kind"], "format": row["type"]},
+            "expires_at": row["expires_at"],
+        })
+    return web.json_response({"models": models})
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,117 @@
+"""Builds the aiohttp application: routes, the error and auth middlewares, manager lifetime.
+
+The error middleware is the one place exceptions become responses: a ``LemonadeError`` gets
+its status and OpenAI's error JSON; aiohttp's own HTTP errors (unknown route, wrong method,
+body too large) get the same JSON shape; anything else is a bug, logged with its traceback
+and answered 500.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+
+from supervisor.api import admin, openai
+from supervisor.api.keys import MANAGER, METRICS, SETTINGS, STARTED_AT
+from supervisor.config import Settings
+from supervisor.errors import LemonadeError, Unauthorized
+from supervisor.manager import Manager
+from supervisor.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+#: Bodies are small JSON documents; audio uploads (later) get their own, larger limit.
+MAX_BODY_BYTES = 1024 * 1024
+#: Routes anyone on the bind address may call even when an API key is set.
+OPEN_ROUTES = frozenset({"/health"})
+
+
+def error_response(status: int, message: str, *, type_: str, code: str,
+                   headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(
+        {"error": {"message": message, "type": type_, "code": code}},
+        status=status, headers=headers,
+    )
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except LemonadeError as e:
+        headers = {}
+        retry_after = e.retry_after_header()
+        if retry_after is not None:
+            headers["Retry-After"] = retry_after
+        if e.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        return error_response(e.status, e.message, type_=e.type, code=e.code, headers=headers)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        message = {
+            404: f"no route for {request.method} {request.path}",
+            405: f"method {request.method} is not allowed on {request.path}",
+            413: f"request body is larger than the {MAX_BODY_BYTES} byte limit",
+        }.get(e.status, e.reason)
+        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+        return error_response(
+            e.status, message, type_="invalid_request_error",
+            code=code.get(e.status, "http_error"),
+        )
+    except Exception:
+        log.exception("unhandled error in %s %s (this is a bug)", request.method, request.path)
+        return error_response(500, "internal server error (this is a bug; see the server log)",
+                              type_="server_error", code="internal_error")
+
+
+def _digest(value: str) -> bytes:
+    return hashlib.sha256(value.encode()).digest()
+
+
+def auth_middleware(api_key: str) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    expected = _digest(api_key)
+
+    @web.middleware
+    async def check_key(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in OPEN_ROUTES:
+            return await handler(request)
+        header = request.headers.get("Authorization", "")
+        given = header[7:] if header.startswith("Bearer ") else request.headers.get("x-api-key", "")
+        # Digests of equal length, compared in constant time: no early exit leaks the key.
+        if not hmac.compare_digest(_digest(given), expected):
+            raise Unauthorized("a valid API key is required (Authorization: Bearer <key>)")
+        return await handler(request)
+
+    return check_key
+
+
+def create_app(settings: Settings, *, runtime_base: str | None = None) -> web.Application:
+    middlewares = [errors_middleware]
+    if settings.api_key:
+        middlewares.append(auth_middleware(settings.api_key))
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=middlewares)
+    manager = Manager(settings, runtime_base=runtime_base)
+    app[SETTINGS] = settings
+    app[MANAGER] = manager
+    app[METRICS] = Metrics(manager)
+    app[STARTED_AT] = time.time()
+    app.add_routes(openai.routes)
+    app.add_routes(admin.routes)
+
+    async def manager_lifetime(app: web.Application) -> AsyncIterator[None]:
+        await manager.start()
+        try:
+            yield
+        finally:
+            await manager.close()
+
+    app.cleanup_ctx.append(manager_lifetime)
+    return app

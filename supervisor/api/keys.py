@@ -1,0 +1,14 @@
+"""Typed keys for what the aiohttp application carries (``app[MANAGER]`` and friends)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from supervisor.config import Settings
+from supervisor.manager import Manager
+from supervisor.metrics import Metrics
+
+SETTINGS = web.AppKey("settings", Settings)
+MANAGER = web.AppKey("manager", Manager)
+METRICS = web.AppKey("metrics", Metrics)
+STARTED_AT = web.AppKey("started_at", float)

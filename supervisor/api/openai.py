@@ -1,0 +1,119 @@
+"""OpenAI-compatible routes: ``GET /v1/models`` and ``POST /v1/audio/speech``.
+
+A request names a model; the manager hands back a lease on a ready worker (loading it if
+needed, joining a load in progress, or waiting for a stop to finish), and the handler relays
+the worker's chunks to the client. Errors before the first byte become proper HTTP errors;
+a failure after streaming began ends the connection without the final chunk, so the client
+sees a truncated transfer rather than a short file that looks complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from aiohttp import web
+
+from supervisor.api.body import read_body
+from supervisor.api.keys import MANAGER, STARTED_AT
+from supervisor.errors import BadRequest, LemonadeError, WorkerFailed
+
+log = logging.getLogger(__name__)
+
+routes = web.RouteTableDef()
+
+#: OpenAI's own limit for /v1/audio/speech.
+MAX_SPEECH_INPUT_CHARS = 4096
+AUDIO_CONTENT_TYPES = {
+    "wav": "audio/wav",
+    "pcm": "audio/pcm",
+    "flac": "audio/flac",
+    "mp3": "audio/mpeg",
+    "opus": "audio/ogg",
+    "aac": "audio/aac",
+}
+
+
+@routes.get("/v1/models")
+async def list_models(request: web.Request) -> web.Response:
+    manager = request.app[MANAGER]
+    created = int(request.app[STARTED_AT])
+    data = [
+        {
+            "id": slot.name,
+            "object": "model",
+            "created": created,
+            "owned_by": "lemonade",
+            "type": slot.recipe.type,
+            "recipe": slot.recipe.kind,
+            "state": slot.state.value,
+        }
+        for slot in manager.slots.values()
+    ]
+    return web.json_response({"object": "list", "data": data})
+
+
+@routes.post("/v1/audio/speech")
+async def speech(request: web.Request) -> web.StreamResponse:
+    manager = request.app[MANAGER]
+    body = await read_body(request)
+    model = body.model_name("model")
+    assert model is not None
+    text = body.required_string("input", max_len=MAX_SPEECH_INPUT_CHARS)
+    args = {
+        "input": text,
+        "voice": body.string("voice", max_len=256),
+        "response_format": body.choice(
+            "response_format", tuple(AUDIO_CONTENT_TYPES), default="wav"
+        ),
+        "speed": body.number("speed", default=1.0, low=0.25, high=4.0),
+    }
+    if args["voice"] is None:
+        del args["voice"]  # the model's default voice
+    stream_audio = body.boolean("stream", default=False)
+    keep_alive = body.keep_alive()
+    slot = manager.slot(model)
+    if slot.recipe.type != "tts":
+        raise BadRequest(
+            f"model '{model}' is a {slot.recipe.type} model; /v1/audio/speech needs a tts model",
+            code="model_not_supported",
+        )
+    content_type = AUDIO_CONTENT_TYPES[str(args["response_format"])]
+    started = time.monotonic()
+    async with manager.use(model, keep_alive_s=keep_alive) as lease:
+        call = lease.channel.call("speech", args, timeout_s=manager.settings.call_timeout_s)
+        async with call:
+            if not stream_audio:
+                audio = b"".join([_audio_bytes(c, model) async for c in call])
+                log.debug("speech from %s: %d bytes in %.3fs", model, len(audio),
+                          time.monotonic() - started)
+                return web.Response(body=audio, content_type=content_type,
+                                    headers={"X-Lemonade-Worker-Pid": str(lease.pid)})
+            first = await anext(call, None)  # errors here are still clean HTTP errors
+            response = web.StreamResponse(headers={
+                "Content-Type": content_type,
+                "X-Accel-Buffering": "no",
+                "X-Lemonade-Worker-Pid": str(lease.pid),
+            })
+            response.enable_chunked_encoding()
+            await response.prepare(request)
+            try:
+                if first is not None:
+                    await response.write(_audio_bytes(first, model))
+                async for chunk in call:
+                    await response.write(_audio_bytes(chunk, model))
+            except LemonadeError as e:
+                log.warning("speech stream from %s broke after it started: %s", model, e.message)
+                # Drop the connection without the terminating chunk: the client must not take
+                # a truncated file for a complete one.
+                if request.transport is not None:
+                    request.transport.close()
+                return response
+            await response.write_eof()
+            return response
+
+
+def _audio_bytes(chunk: object, model: str) -> bytes:
+    if not isinstance(chunk, bytes):
+        raise WorkerFailed(f"worker for '{model}' sent {type(chunk).__name__} instead of audio")
+    return chunk

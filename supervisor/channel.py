@@ -1,0 +1,330 @@
+"""The supervisor's end of one worker socket: request ids, routing, streams, cancel.
+
+One reader task reads every frame the worker sends and routes it by request id to the
+request waiting for it. Many calls can be in flight on one worker; each gets its own queue.
+Anything the worker sends that breaks the rules (bad frame, unknown or finished id, a chunk
+out of order, a message type that does not belong to that request) is a protocol violation:
+the channel closes, every pending request fails with 502, and ``on_broken`` tells the owner
+to kill the worker.
+
+A call whose consumer goes away (the HTTP client disconnected) sends ``cancel`` and stays
+registered until its terminal frame arrives, so late chunks are dropped, not misrouted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from supervisor.errors import (
+    BadRequest,
+    GatewayTimeout,
+    LemonadeError,
+    ServiceUnavailable,
+    WorkerFailed,
+)
+from workers.protocol import (
+    FROM_WORKER,
+    MAX_WORKER_FRAME_BYTES,
+    Call,
+    Cancel,
+    Chunk,
+    End,
+    ErrorCode,
+    Load,
+    Loaded,
+    Message,
+    Ping,
+    Pong,
+    Progress,
+    ProtocolError,
+    Shutdown,
+    encode,
+    read_message,
+)
+from workers.protocol import Error as ErrorMsg
+
+log = logging.getLogger(__name__)
+
+_AFTER_HELLO = {t: cls for t, cls in FROM_WORKER.items() if t != "hello"}
+
+
+class WorkerError(LemonadeError):
+    """An ``error`` message from the worker; ``worker_code`` is the protocol's code."""
+
+    def __init__(self, status_cls: type[LemonadeError], worker_code: str, message: str) -> None:
+        super().__init__(message, code=worker_code)
+        self.status = status_cls.status
+        self.type = status_cls.type
+        self.worker_code = worker_code
+
+
+_STATUS_BY_CODE: dict[str, type[LemonadeError]] = {
+    ErrorCode.INVALID_REQUEST: BadRequest,
+    ErrorCode.UNSUPPORTED: BadRequest,
+    ErrorCode.BAD_CONFIG: ServiceUnavailable,
+    ErrorCode.LOAD_FAILED: ServiceUnavailable,
+    ErrorCode.OUT_OF_MEMORY: ServiceUnavailable,
+    ErrorCode.CANCELLED: ServiceUnavailable,
+    ErrorCode.INTERNAL: WorkerFailed,
+}
+
+
+def worker_error(code: str, message: str) -> WorkerError:
+    return WorkerError(_STATUS_BY_CODE.get(code, WorkerFailed), code, message)
+
+
+class _Pending:
+    """One outstanding request: which message types it accepts and where they go."""
+
+    def __init__(self, accepts: frozenset[str]) -> None:
+        self.accepts = accepts
+        self.queue: asyncio.Queue[Message | BaseException] = asyncio.Queue()
+        self.next_seq = 0
+        self.abandoned = False
+
+
+_TERMINAL = frozenset({"end", "error", "loaded", "pong"})
+
+
+class Channel:
+    def __init__(
+        self,
+        model: str,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        on_broken: Callable[[str], None],
+    ) -> None:
+        self.model = model
+        self._reader = reader
+        self._writer = writer
+        self._on_broken = on_broken
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+        self._write_lock = asyncio.Lock()
+        self.closed_reason: str | None = None
+        self._task = asyncio.create_task(self._read_loop(), name=f"channel-{model}")
+
+    # ----------------------------------------------------------------- reading
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                msg = await read_message(self._reader, _AFTER_HELLO, max_frame=MAX_WORKER_FRAME_BYTES)
+                if msg is None:
+                    self._close("the worker closed its connection")
+                    return
+                self._route(msg)
+        except ProtocolError as e:
+            log.warning("worker for %s broke the protocol: %s", self.model, e)
+            self._close(f"the worker broke the protocol ({e})", broken=True)
+        except (ConnectionError, OSError) as e:
+            self._close(f"the worker connection failed ({e})")
+        except asyncio.CancelledError:
+            self._close("the channel was closed")
+            raise
+
+    def _route(self, msg: Message) -> None:
+        request_id: int = msg.id  # type: ignore[attr-defined]
+        pending = self._pending.get(request_id)
+        if pending is None:
+            raise ProtocolError(f"{msg.T} for unknown or finished request id {request_id}")
+        if msg.T not in pending.accepts:
+            raise ProtocolError(f"{msg.T} is not a valid answer to request {request_id}")
+        if isinstance(msg, Chunk):
+            if msg.seq != pending.next_seq:
+                raise ProtocolError(
+                    f"chunk {msg.seq} of request {request_id} arrived, expected {pending.next_seq}"
+                )
+            pending.next_seq += 1
+        if msg.T in _TERMINAL:
+            del self._pending[request_id]
+        if not pending.abandoned:
+            pending.queue.put_nowait(msg)
+
+    def _close(self, reason: str, *, broken: bool = False) -> None:
+        if self.closed_reason is not None:
+            return
+        self.closed_reason = reason
+        error = WorkerFailed(f"worker for '{self.model}' failed: {reason}")
+        for pending in self._pending.values():
+            pending.queue.put_nowait(error)
+        self._pending.clear()
+        self._writer.close()
+        if broken:
+            self._on_broken(reason)
+
+    def close(self) -> None:
+        self._close("the model was unloaded")
+        self._task.cancel()
+
+    @property
+    def is_open(self) -> bool:
+        return self.closed_reason is None
+
+    # ----------------------------------------------------------------- writing
+
+    async def _send(self, message: Message) -> None:
+        if self.closed_reason is not None:
+            raise WorkerFailed(f"worker for '{self.model}' is gone: {self.closed_reason}")
+        async with self._write_lock:
+            try:
+                self._writer.write(encode(message))
+                await self._writer.drain()
+            except (ConnectionError, OSError) as e:
+                self._close(f"writing to the worker failed ({e})")
+                raise WorkerFailed(f"worker for '{self.model}' is gone: {e}") from None
+
+    def _register(self, accepts: frozenset[str]) -> tuple[int, _Pending]:
+        request_id = next(self._ids)
+        pending = _Pending(accepts)
+        self._pending[request_id] = pending
+        return request_id, pending
+
+    async def _next(self, pending: _Pending, timeout_s: float | None) -> Message:
+        item = await asyncio.wait_for(pending.queue.get(), timeout_s)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    # ----------------------------------------------------------------- requests
+
+    async def load(
+        self,
+        *,
+        name: str,
+        type: str,
+        device: str,
+        options: dict[str, Any],
+        timeout_s: float,
+        on_progress: Callable[[Progress], None] | None = None,
+    ) -> Loaded:
+        request_id, pending = self._register(frozenset({"progress", "loaded", "error"}))
+        await self._send(Load(id=request_id, name=name, type=type, device=device, options=options))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            try:
+                msg = await self._next(pending, max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                self._pending.pop(request_id, None)
+                raise GatewayTimeout(
+                    f"model '{name}' did not finish loading within {timeout_s:g}s"
+                ) from None
+            if isinstance(msg, Progress):
+                if on_progress is not None:
+                    on_progress(msg)
+                continue
+            if isinstance(msg, ErrorMsg):
+                raise worker_error(msg.code, msg.message)
+            assert isinstance(msg, Loaded)
+            return msg
+
+    async def ping(self, timeout_s: float) -> Pong:
+        request_id, pending = self._register(frozenset({"pong"}))
+        await self._send(Ping(id=request_id))
+        try:
+            msg = await self._next(pending, timeout_s)
+        except TimeoutError:
+            self._pending.pop(request_id, None)
+            raise
+        assert isinstance(msg, Pong)
+        return msg
+
+    async def send_shutdown(self) -> None:
+        """Best effort: the worker may already be gone."""
+        with contextlib.suppress(LemonadeError):
+            await asyncio.wait_for(self._send(Shutdown()), 1.0)
+
+    def call(self, op: str, args: dict[str, Any], *, timeout_s: float) -> CallStream:
+        return CallStream(self, op, args, timeout_s)
+
+    @property
+    def pending_count(self) -> int:
+        return len(self._pending)
+
+
+class CallStream:
+    """One call: iterate for chunks; ``result`` holds the final value after the end.
+
+    Use ``async with channel.call(...) as stream:`` so that leaving early (the client went
+    away, an exception) cancels the call on the worker.
+    """
+
+    def __init__(self, channel: Channel, op: str, args: dict[str, Any], timeout_s: float) -> None:
+        self._channel = channel
+        self._op = op
+        self._args = args
+        self._timeout_s = timeout_s
+        self._id: int | None = None
+        self._pending: _Pending | None = None
+        self._deadline = 0.0
+        self.finished = False
+        self.result: Any = None
+
+    async def start(self) -> None:
+        if self._id is not None:
+            return
+        self._id, self._pending = self._channel._register(frozenset({"chunk", "end", "error"}))
+        self._deadline = asyncio.get_running_loop().time() + self._timeout_s
+        try:
+            await self._channel._send(Call(id=self._id, op=self._op, args=self._args))
+        except BaseException:
+            self.finished = True
+            self._channel._pending.pop(self._id, None)
+            raise
+
+    async def __aenter__(self) -> CallStream:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self
+
+    async def __anext__(self) -> Any:
+        await self.start()
+        if self.finished:
+            raise StopAsyncIteration
+        assert self._pending is not None
+        remaining = self._deadline - asyncio.get_running_loop().time()
+        try:
+            msg = await self._channel._next(self._pending, max(0.0, remaining))
+        except TimeoutError:
+            await self.aclose()
+            raise GatewayTimeout(
+                f"model '{self._channel.model}' did not answer within {self._timeout_s:g}s"
+            ) from None
+        except BaseException:
+            self.finished = True
+            raise
+        if isinstance(msg, Chunk):
+            return msg.data
+        self.finished = True
+        if isinstance(msg, ErrorMsg):
+            raise worker_error(msg.code, msg.message)
+        assert isinstance(msg, End)
+        self.result = msg.result
+        raise StopAsyncIteration
+
+    async def collect(self) -> list[Any]:
+        return [data async for data in self]
+
+    async def aclose(self) -> None:
+        """Cancel the call on the worker if it has not finished."""
+        if self.finished or self._id is None or self._pending is None:
+            self.finished = True
+            return
+        self.finished = True
+        self._pending.abandoned = True
+        if self._id in self._channel._pending and self._channel.is_open:
+            # Shielded: this often runs inside a cancelled handler, and the worker must hear it.
+            with contextlib.suppress(LemonadeError, asyncio.CancelledError):
+                await asyncio.shield(self._channel._send(Cancel(id=self._id)))

@@ -1,0 +1,88 @@
+"""Every error a client can see, as one exception tree that knows its HTTP status.
+
+Code anywhere in the supervisor raises one of these; a single middleware (``api/middleware``)
+turns it into OpenAI's error JSON ``{"error": {"message", "type", "code"}}``. Anything that is
+not a :class:`LemonadeError` reaching that middleware is a bug and is logged as one.
+
+    LemonadeError
+    ├── BadRequest              400 invalid_request_error
+    ├── Unauthorized            401 authentication_error
+    ├── ModelNotFound           404 model_not_found
+    ├── Conflict                409 (pinned / protected by priority / can never fit)
+    ├── PayloadTooLarge         413
+    ├── WorkerFailed            502 (worker died, broke the protocol, or failed inside)
+    ├── ServiceUnavailable      503 + Retry-After (load failed, busy, cooling down)
+    └── GatewayTimeout          504 (load or call took too long)
+"""
+
+from __future__ import annotations
+
+import math
+
+
+class LemonadeError(Exception):
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+
+    def __init__(
+        self, message: str, *, code: str | None = None, retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.retry_after_s = retry_after_s
+
+    def retry_after_header(self) -> str | None:
+        if self.retry_after_s is None:
+            return None
+        return str(max(1, math.ceil(self.retry_after_s)))
+
+
+class BadRequest(LemonadeError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class Unauthorized(LemonadeError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class ModelNotFound(LemonadeError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class Conflict(LemonadeError):
+    status = 409
+    type = "conflict_error"
+    code = "conflict"
+
+
+class PayloadTooLarge(LemonadeError):
+    status = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class WorkerFailed(LemonadeError):
+    status = 502
+    type = "server_error"
+    code = "worker_failed"
+
+
+class ServiceUnavailable(LemonadeError):
+    status = 503
+    type = "server_error"
+    code = "unavailable"
+
+
+class GatewayTimeout(LemonadeError):
+    status = 504
+    type = "server_error"
+    code = "timeout"

@@ -1,0 +1,49 @@
+"""Lifecycle events (loading, loaded, unloaded, crashed, ...) fanned out to whoever listens.
+
+The manager publishes; the metrics module listens synchronously, and each ``GET
+/api/v1/events`` client gets a bounded queue. A client that cannot keep up loses the oldest
+events (and is told how many) instead of growing the server's memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+Event = dict[str, Any]
+
+_QUEUE_SIZE = 256
+
+
+class EventBus:
+    def __init__(self) -> None:
+        self._listeners: list[Callable[[Event], None]] = []
+        self._queues: set[asyncio.Queue[Event]] = set()
+        self.published = 0
+
+    def listen(self, callback: Callable[[Event], None]) -> None:
+        self._listeners.append(callback)
+
+    def publish(self, kind: str, model: str, **fields: Any) -> Event:
+        event: Event = {"event": kind, "model": model, "at": time.time(), **fields}
+        self.published += 1
+        for callback in self._listeners:
+            callback(event)
+        for queue in self._queues:
+            if queue.full():
+                with contextlib.suppress(asyncio.QueueEmpty):
+                    queue.get_nowait()  # a slow reader loses the oldest event, not the newest
+            queue.put_nowait(event)
+        return event
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self) -> AsyncIterator[asyncio.Queue[Event]]:
+        queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=_QUEUE_SIZE)
+        self._queues.add(queue)
+        try:
+            yield queue
+        finally:
+            self._queues.discard(queue)

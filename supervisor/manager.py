@@ -1,0 +1,723 @@
+"""The one owner of every model slot: loads, leases, idle timers and the one retire path.
+
+Requests get a worker only through :meth:`Manager.ensure_ready` (or the :meth:`Manager.use`
+context manager around it). It decides inside the owner, with no ``await`` between looking at
+a slot's state and acting on it, so N concurrent cold requests start exactly one load and the
+rest join it. Every way a model leaves memory -- idle timer, LRU, memory budget, exclusive
+group, manual unload, unload-all, ``keep_alive: 0``, crash, load-failure eviction, shutdown --
+ends in :meth:`Manager.retire`, which cancels the idle timer first.
+
+Room is made under a placement lock: plan (``policy.plan_admission``), retire the victims,
+plan again, then reserve the target's cost. Spawning happens outside that lock, bounded by
+``max_parallel_loads``, so two models can load at once when there is room for both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from supervisor import policy
+from supervisor.channel import Channel, WorkerError
+from supervisor.config import Recipe, Settings, effective_preload
+from supervisor.errors import (
+    Conflict,
+    GatewayTimeout,
+    LemonadeError,
+    ModelNotFound,
+    ServiceUnavailable,
+    WorkerFailed,
+)
+from supervisor.events import EventBus
+from supervisor.lifecycle import IdleTimer, Slot, State
+from supervisor.process import WorkerProcess
+from workers.protocol import ErrorCode
+
+log = logging.getLogger(__name__)
+
+RUNTIME_DIR_PREFIX = "lemonade-"
+_OWNER_FILE = "owner"
+_HEARTBEAT_TIMEOUT_MIN_S = 30.0
+
+
+@dataclass(frozen=True)
+class Lease:
+    """What a request holds while it uses a model."""
+
+    name: str
+    recipe: Recipe
+    channel: Channel
+    pid: int
+
+
+@dataclass(frozen=True)
+class EffectiveTimeout:
+    seconds: float  # math.inf = never; 0 = unload as soon as idle
+    source: str
+
+
+class Manager:
+    def __init__(self, settings: Settings, *, runtime_base: str | None = None) -> None:
+        self.settings = settings
+        self.events = EventBus()
+        self.slots: dict[str, Slot] = {
+            name: Slot(recipe=recipe, timer=IdleTimer(functools.partial(self._idle_expired, name)))
+            for name, recipe in settings.models.items()
+        }
+        self.runtime_global_idle_timeout_s: float | None = None
+        self.spawns = 0  # total worker processes started (tests and metrics read it)
+        self._runtime_base = runtime_base
+        self.runtime_dir: Path | None = None
+        self._placement = asyncio.Lock()
+        self._load_slots = asyncio.Semaphore(settings.max_parallel_loads)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._closing = False
+        self.memory_budget_bytes = _resolve_budget(settings.memory_budget)
+
+    # ================================================================ start / stop
+
+    async def start(self) -> None:
+        base = Path(self._runtime_base or os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir())
+        sweep_stale_runtime_dirs(base)
+        self.runtime_dir = Path(tempfile.mkdtemp(prefix=RUNTIME_DIR_PREFIX, dir=base))
+        os.chmod(self.runtime_dir, 0o700)
+        (self.runtime_dir / _OWNER_FILE).write_text(f"{os.getpid()} {_create_time(os.getpid())}\n")
+        self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
+        for name in effective_preload(self.settings):
+            self._spawn_task(self._preload(name), f"preload-{name}")
+
+    async def close(self) -> None:
+        """Retire every model (reason ``shutdown``) and remove the runtime dir."""
+        self._closing = True
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        await asyncio.gather(
+            *(self.retire(s, "shutdown", force=True) for s in self.slots.values()),
+            return_exceptions=True,
+        )
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._heartbeat is not None:
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
+        if self.runtime_dir is not None:
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+    def _spawn_task(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)  # strong reference until done
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _preload(self, name: str) -> None:
+        try:
+            await self.load(name)
+        except LemonadeError as e:
+            log.error("preloading %s failed: %s", name, e.message)
+
+    # ================================================================ lookups
+
+    def slot(self, name: str) -> Slot:
+        try:
+            return self.slots[name]
+        except KeyError:
+            known = ", ".join(sorted(self.slots)) or "none"
+            raise ModelNotFound(
+                f"model '{name}' is not configured; configured models: {known}"
+            ) from None
+
+    def effective_idle_timeout(self, slot: Slot) -> EffectiveTimeout:
+        """DESIGN.md "Idle timeout": request > runtime > recipe > global."""
+        if slot.request_idle_timeout_s is not None:
+            return EffectiveTimeout(slot.request_idle_timeout_s, "request")
+        if slot.runtime_idle_timeout_s is not None:
+            return EffectiveTimeout(slot.runtime_idle_timeout_s, "runtime")
+        if self.runtime_global_idle_timeout_s is not None:
+            return EffectiveTimeout(self.runtime_global_idle_timeout_s, "runtime (global)")
+        if slot.recipe.idle_timeout_s is not None:
+            return EffectiveTimeout(slot.recipe.idle_timeout_s, f"recipe ({slot.recipe.source})")
+        where = self.settings.sources.get("auto_unload_timer_s", "default")
+        return EffectiveTimeout(self.settings.auto_unload_timer_s, f"global ({where})")
+
+    # ================================================================ requests
+
+    @contextlib.asynccontextmanager
+    async def use(self, name: str, *, keep_alive_s: float | None = None) -> AsyncIterator[Lease]:
+        """Hold ``name`` loaded for the duration of the block."""
+        slot = await self.ensure_ready(name, keep_alive_s=keep_alive_s)
+        try:
+            assert slot.channel is not None and slot.worker is not None
+            yield Lease(name, slot.recipe, slot.channel, slot.worker.pid)
+        finally:
+            self.release(slot)
+
+    async def ensure_ready(self, name: str, *, keep_alive_s: float | None = None) -> Slot:
+        """Return the slot READY with ``in_flight`` already counted for the caller."""
+        slot = self.slot(name)
+        loop = asyncio.get_running_loop()
+        while True:
+            if self._closing:
+                raise ServiceUnavailable("the server is shutting down", retry_after_s=5)
+            state = slot.state
+            if state is State.READY:
+                slot.in_flight += 1
+                slot.idle.clear()
+                slot.timer.cancel()
+                slot.touch(loop.time())
+                if keep_alive_s is not None:
+                    slot.request_idle_timeout_s = keep_alive_s
+                return slot
+            if state is State.FAILED:
+                remaining = slot.cooldown_remaining(loop.time())
+                if remaining > 0:
+                    raise ServiceUnavailable(
+                        f"model '{name}' failed to load ({slot.last_error}); "
+                        f"next attempt allowed in {math.ceil(remaining)}s",
+                        code="model_load_failed",
+                        retry_after_s=remaining,
+                    )
+            if state in (State.UNLOADED, State.FAILED):
+                self._begin_load(slot)
+            if slot.state is State.LOADING:
+                assert slot.load_future is not None
+                slot.waiters += 1
+                try:
+                    await asyncio.shield(slot.load_future)
+                finally:
+                    slot.waiters -= 1
+                continue
+            if slot.state is State.STOPPING:
+                assert slot.stop_task is not None
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(slot.stop_task)
+                continue
+
+    def release(self, slot: Slot) -> None:
+        slot.in_flight -= 1
+        assert slot.in_flight >= 0, f"in_flight of {slot.name} went negative"
+        slot.touch(asyncio.get_running_loop().time())
+        if slot.in_flight == 0:
+            slot.idle.set()
+            self._became_idle(slot)
+
+    def _became_idle(self, slot: Slot) -> None:
+        """Arm the idle timer (or retire at once for ``keep_alive: 0``) when nobody holds it."""
+        if slot.state is not State.READY or slot.in_flight or slot.waiters or self._closing:
+            return
+        timeout = self.effective_idle_timeout(slot)
+        if slot.pinned or math.isinf(timeout.seconds):
+            slot.timer.cancel()
+            return
+        if timeout.seconds <= 0:
+            self._spawn_task(self._retire_quietly(slot, "keep_alive_0"), f"retire-{slot.name}")
+            return
+        slot.timer.arm(timeout.seconds)
+
+    def _idle_expired(self, name: str, generation: int) -> None:
+        slot = self.slots[name]
+        if generation != slot.timer.generation:
+            return  # cancelled or re-armed after this timer was scheduled
+        slot.timer.cancel()
+        if slot.state is State.READY and not slot.busy:
+            self._spawn_task(self._retire_quietly(slot, "idle"), f"retire-{name}")
+
+    async def _retire_quietly(self, slot: Slot, reason: str, *, force: bool = False) -> None:
+        try:
+            await self.retire(slot, reason, force=force)
+        except LemonadeError as e:
+            log.info("did not unload %s (%s): %s", slot.name, reason, e.message)
+
+    # ================================================================ admin operations
+
+    async def load(
+        self, name: str, *, pinned: bool | None = None, idle_timeout_s: float | None = None
+    ) -> Slot:
+        """Load (or keep) a model without holding it; the idle timer starts right away."""
+        slot = self.slot(name)
+        if pinned is not None:
+            slot.pinned_override = pinned
+        if idle_timeout_s is not None:
+            slot.runtime_idle_timeout_s = idle_timeout_s
+        slot = await self.ensure_ready(name)
+        self.release(slot)
+        return slot
+
+    async def unload(self, name: str, *, force: bool = False) -> bool:
+        """Manual unload; returns whether a process was running."""
+        slot = self.slot(name)
+        was_loaded = slot.state in (State.LOADING, State.READY, State.STOPPING)
+        await self.retire(slot, "manual", force=force)
+        return was_loaded
+
+    async def unload_all(self, *, force: bool = False) -> list[str]:
+        targets = [
+            s for s in self.slots.values()
+            if s.state in (State.LOADING, State.READY, State.STOPPING)
+        ]
+        results = await asyncio.gather(
+            *(self.retire(s, "unload_all", force=force) for s in targets), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return [s.name for s in targets]
+
+    def set_idle_timeout(self, name: str | None, seconds: float) -> None:
+        """``POST /api/v1/timeout``: per model, or global when ``name`` is None."""
+        if name is None:
+            self.runtime_global_idle_timeout_s = seconds
+            slots: Iterable[Slot] = self.slots.values()
+        else:
+            slot = self.slot(name)
+            slot.runtime_idle_timeout_s = seconds
+            slot.request_idle_timeout_s = None  # the newer instruction wins
+            slots = [slot]
+        if name is None:
+            for slot in self.slots.values():
+                slot.request_idle_timeout_s = None
+        for slot in slots:
+            if slot.state is State.READY and not slot.busy:
+                self._became_idle(slot)
+
+    # ================================================================ retire: the one path
+
+    async def retire(self, slot: Slot, reason: str, *, force: bool = False) -> None:
+        """End ``slot``'s worker. Every unload path comes here.
+
+        Cancels the idle timer, marks STOPPING (new requests wait, then reload), drains the
+        requests in flight (bounded by ``drain_timeout_s``; ``force`` skips the wait), sends
+        ``shutdown``, waits ``stop_grace_s``, kills the process group, reaps, releases the
+        reservation and records ``last_eviction``.
+        """
+        slot.timer.cancel()
+        if slot.state is State.LOADING:
+            await self._cancel_load(slot, reason)
+            return
+        if slot.state is State.STOPPING:
+            assert slot.stop_task is not None
+            await asyncio.shield(slot.stop_task)
+            return
+        if slot.state is not State.READY:
+            return
+        slot.transition(State.STOPPING)
+        slot.stop_task = asyncio.ensure_future(self._stop(slot, reason, force))
+        await asyncio.shield(slot.stop_task)
+
+    async def _stop(self, slot: Slot, reason: str, force: bool) -> None:
+        if not force and slot.in_flight:
+            log.info("draining %d request(s) of %s before unloading (%s)",
+                     slot.in_flight, slot.name, reason)
+            try:
+                await asyncio.wait_for(slot.idle.wait(), self.settings.drain_timeout_s)
+            except TimeoutError:
+                # Never cut a request off: the model stays, the eviction fails.
+                slot.transition(State.READY)
+                slot.stop_task = None
+                raise ServiceUnavailable(
+                    f"model '{slot.name}' is still busy with {slot.in_flight} request(s) after "
+                    f"{self.settings.drain_timeout_s:g}s; it was not unloaded",
+                    code="model_busy",
+                    retry_after_s=5,
+                ) from None
+        worker: WorkerProcess = slot.worker
+        pid = worker.pid
+        try:
+            if slot.channel is not None:
+                await slot.channel.send_shutdown()
+            await asyncio.shield(worker.stop(self.settings.stop_grace_s))
+        finally:
+            self._forget_process(slot)
+            slot.last_eviction = {"reason": reason, "at": time.time()}
+            slot.transition(State.UNLOADED)
+            log.info("worker %d for %s unloaded (%s)", pid, slot.name, reason)
+            self.events.publish("unloaded", slot.name, pid=pid, reason=reason)
+
+    def _forget_process(self, slot: Slot) -> None:
+        if slot.channel is not None:
+            slot.channel.close()
+        slot.channel = None
+        slot.worker = None
+        slot.admitted = False
+        slot.reserved_bytes = 0
+        slot.rss_bytes = slot.vram_bytes = 0
+        slot.request_idle_timeout_s = None
+        slot.device = None
+
+    async def _cancel_load(self, slot: Slot, reason: str) -> None:
+        for task in list(self._tasks):
+            if task.get_name() == f"load-{slot.name}":
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        slot.last_eviction = {"reason": reason, "at": time.time()}
+
+    # ================================================================ loading
+
+    def _begin_load(self, slot: Slot) -> None:
+        """Synchronous: from here on every other request joins this one load."""
+        slot.transition(State.LOADING)
+        slot.load_future = asyncio.get_running_loop().create_future()
+        slot.load_future.add_done_callback(_consume_exception)
+        self._spawn_task(self._load(slot), f"load-{slot.name}")
+
+    async def _load(self, slot: Slot) -> None:
+        assert slot.load_future is not None
+        future = slot.load_future
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        self.events.publish("loading", slot.name)
+        try:
+            async with self._load_slots:
+                await self._admit(slot, deadline=started + self.settings.load_timeout_s)
+                try:
+                    await self._spawn_and_load(slot)
+                except LemonadeError as e:
+                    if not _worth_retrying(e):
+                        raise
+                    log.warning("loading %s failed (%s); unloading every idle model and "
+                                "retrying once", slot.name, e.message)
+                    await self._evict_all_idle(except_for=slot)
+                    await self._spawn_and_load(slot)
+        except asyncio.CancelledError:
+            self._forget_process(slot)
+            slot.transition(State.UNLOADED)
+            future.set_exception(ServiceUnavailable(
+                f"loading model '{slot.name}' was cancelled", retry_after_s=1))
+            raise
+        except LemonadeError as e:
+            self._forget_process(slot)
+            if getattr(e, "refusal", False):
+                slot.transition(State.UNLOADED)  # no room: not the model's fault
+            else:
+                self._record_failure(slot, e)
+            self.events.publish("load_failed", slot.name, error=e.message, status=e.status)
+            future.set_exception(e)
+            return
+        slot.failures = 0
+        slot.last_error = None
+        slot.load_seconds = loop.time() - started
+        slot.loaded_at_mono = loop.time()
+        slot.loaded_at = time.time()
+        slot.touch(loop.time())
+        slot.transition(State.READY)
+        log.info("worker %d for %s ready in %.2fs (rss %d MiB)", slot.pid, slot.name,
+                 slot.load_seconds, slot.rss_bytes // 2**20)
+        self.events.publish("loaded", slot.name, pid=slot.pid, load_seconds=slot.load_seconds,
+                            rss_bytes=slot.rss_bytes, vram_bytes=slot.vram_bytes)
+        future.set_result(None)
+        self._became_idle(slot)
+
+    def _record_failure(self, slot: Slot, error: LemonadeError) -> None:
+        slot.failures += 1
+        base = self.settings.load_failure_cooldown_s
+        cooldown = min(base * 2 ** (slot.failures - 1), self.settings.load_failure_cooldown_max_s)
+        now = asyncio.get_running_loop().time()
+        slot.cooldown_until_mono = now + cooldown
+        slot.last_error = error.message
+        slot.transition(State.FAILED)
+        # What the waiting requests see: 503 with the cooldown as Retry-After.
+        if error.status != 504:
+            error.status = ServiceUnavailable.status
+            error.retry_after_s = cooldown
+        log.error("loading %s failed (%d in a row; next try in %gs): %s",
+                  slot.name, slot.failures, cooldown, error.message)
+
+    async def _admit(self, slot: Slot, *, deadline: float) -> None:
+        """Make room for ``slot`` (retiring victims) and reserve its cost."""
+        loop = asyncio.get_running_loop()
+        async with self._placement:
+            while True:
+                target = policy.Target(
+                    name=slot.name, type=slot.recipe.type, group=slot.recipe.group,
+                    priority=slot.recipe.priority, cost_bytes=slot.cost_bytes(),
+                )
+                outcome = policy.plan_admission(
+                    target, self._residents(exclude=slot), self._limits(), loop.time()
+                )
+                if isinstance(outcome, policy.Refusal):
+                    if outcome.wait_for and loop.time() < deadline:
+                        await self._wait_settled(outcome.wait_for, deadline)
+                        continue
+                    error_cls = Conflict if outcome.status == 409 else ServiceUnavailable
+                    err = error_cls(outcome.message, code="no_room",
+                                    retry_after_s=outcome.retry_after_s or
+                                    (None if outcome.status == 409 else 5))
+                    err.refusal = True  # type: ignore[attr-defined]
+                    raise err
+                if not outcome.evictions:
+                    slot.admitted = True
+                    slot.reserved_bytes = target.cost_bytes
+                    return
+                victims = [(self.slots[e.name], e.reason.value) for e in outcome.evictions]
+                log.info("making room for %s: unloading %s", slot.name,
+                         ", ".join(f"{v.name} ({r})" for v, r in victims))
+                results = await asyncio.gather(
+                    *(self.retire(v, r) for v, r in victims), return_exceptions=True
+                )
+                for result in results:
+                    if isinstance(result, LemonadeError):
+                        result.refusal = True  # type: ignore[attr-defined]
+                        raise result
+                    if isinstance(result, BaseException):
+                        raise result
+
+    async def _wait_settled(self, names: Iterable[str], deadline: float) -> None:
+        waits: list[asyncio.Future[Any]] = []
+        for name in names:
+            other = self.slots[name]
+            if other.state is State.STOPPING and other.stop_task is not None:
+                waits.append(other.stop_task)
+            elif other.state is State.LOADING and other.load_future is not None:
+                waits.append(other.load_future)
+        if not waits:
+            await asyncio.sleep(0.05)
+            return
+        timeout = max(0.0, deadline - asyncio.get_running_loop().time())
+        await asyncio.wait([asyncio.shield(w) for w in waits], timeout=timeout)
+
+    def _residents(self, *, exclude: Slot) -> list[policy.Resident]:
+        states = {
+            State.READY: policy.ResidentState.READY,
+            State.STOPPING: policy.ResidentState.STOPPING,
+            State.LOADING: policy.ResidentState.LOADING,
+        }
+        out = []
+        for s in self.slots.values():
+            if s is exclude or s.state not in states:
+                continue
+            if s.state is State.LOADING and not s.admitted:
+                continue  # still queued for room: holds nothing yet
+            out.append(policy.Resident(
+                name=s.name, type=s.recipe.type, group=s.recipe.group,
+                priority=s.recipe.priority, pinned=s.pinned,
+                cost_bytes=s.reserved_bytes if s.state is State.LOADING else s.cost_bytes(),
+                last_used=s.last_used_mono, loaded_at=s.loaded_at_mono,
+                busy=s.busy, state=states[s.state],
+            ))
+        return out
+
+    def _limits(self) -> policy.Limits:
+        exclusive = frozenset(g.name for g in self.settings.groups.values() if g.exclusive)
+        return policy.Limits(
+            max_loaded_models=self.settings.max_loaded_models,
+            max_loaded_per_type=dict(self.settings.max_loaded_per_type),
+            memory_budget_bytes=self.memory_budget_bytes,
+            exclusive_groups=exclusive,
+            min_residency_s=self.settings.min_residency_s,
+        )
+
+    async def _evict_all_idle(self, *, except_for: Slot) -> None:
+        victims = [
+            s for s in self.slots.values()
+            if s is not except_for and s.state is State.READY and not s.busy and not s.pinned
+        ]
+        await asyncio.gather(
+            *(self.retire(v, "load_failure_evict_all") for v in victims), return_exceptions=True
+        )
+
+    async def _spawn_and_load(self, slot: Slot) -> None:
+        assert self.runtime_dir is not None, "Manager.start() was not called"
+        recipe = slot.recipe
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.load_timeout_s
+        slot.spawn_seq += 1
+        self.spawns += 1
+        worker = await WorkerProcess.spawn(
+            model=recipe.name, kind=recipe.kind, runtime_dir=self.runtime_dir,
+            seq=slot.spawn_seq, handshake_timeout_s=self.settings.load_timeout_s,
+        )
+        channel = Channel(recipe.name, worker.reader, worker.writer,
+                          on_broken=lambda reason: worker.kill())
+        slot.worker, slot.channel = worker, channel
+        log.info("worker %d for %s started (kind %s)", worker.pid, recipe.name, recipe.kind)
+        self.events.publish("spawned", recipe.name, pid=worker.pid)
+        try:
+            loaded = await channel.load(
+                name=recipe.name, type=recipe.type, device=recipe.device,
+                options=dict(recipe.options),
+                timeout_s=max(0.1, deadline - loop.time()),
+                on_progress=lambda p: self.events.publish(
+                    "progress", recipe.name, fraction=p.fraction, message=p.message),
+            )
+            if recipe.warmup:
+                await self._warmup(slot, channel, deadline)
+        except BaseException as e:
+            self._forget_process(slot)
+            await asyncio.shield(worker.stop(0))
+            if isinstance(e, WorkerFailed) and not worker.alive:
+                e.message = f"{e.message} ({worker.describe_exit()}: {worker.last_output()})"
+            raise
+        slot.device = loaded.device
+        slot.info = dict(loaded.info)
+        slot.vram_bytes = loaded.memory.get("vram", 0)
+        slot.rss_bytes = max(worker.rss_bytes(), loaded.memory.get("rss", 0))
+        slot.measured_cost_bytes = slot.vram_bytes or slot.rss_bytes
+        self._spawn_task(self._watch_exit(slot, worker), f"watch-{recipe.name}-{worker.pid}")
+
+    async def _warmup(self, slot: Slot, channel: Channel, deadline: float) -> None:
+        timeout = max(0.1, deadline - asyncio.get_running_loop().time())
+        try:
+            async with channel.call("warmup", {}, timeout_s=timeout) as stream:
+                await stream.collect()
+        except WorkerError as e:
+            if e.worker_code != ErrorCode.UNSUPPORTED:
+                raise
+            log.debug("kind %s has no warmup", slot.recipe.kind)
+
+    # ================================================================ crash and hang detection
+
+    async def _watch_exit(self, slot: Slot, worker: WorkerProcess) -> None:
+        await asyncio.shield(worker.exited)
+        if slot.worker is not worker or slot.state is not State.READY:
+            return  # an orderly stop, already handled by retire()
+        slot.restarts += 1
+        how = worker.describe_exit()
+        log.error("worker %d for %s %s unexpectedly; it will be reloaded on the next request%s",
+                  worker.pid, slot.name, how,
+                  f" (last output: {worker.last_output()})" if worker.output_tail else "")
+        self.events.publish("crashed", slot.name, pid=worker.pid, exit=how)
+        # force: the process is gone, so nothing can drain; its requests already got 502.
+        await self._retire_quietly(slot, "crash", force=True)
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.settings.heartbeat_interval_s
+        timeout = max(_HEARTBEAT_TIMEOUT_MIN_S, 3 * interval)
+        while True:
+            await asyncio.sleep(interval)
+            for slot in list(self.slots.values()):
+                if slot.state is State.READY and slot.channel is not None:
+                    self._spawn_task(self._ping(slot, timeout), f"ping-{slot.name}")
+
+    async def _ping(self, slot: Slot, timeout: float) -> None:
+        worker, channel = slot.worker, slot.channel
+        try:
+            pong = await channel.ping(timeout)
+        except TimeoutError:
+            log.error("worker %d for %s did not answer a ping within %gs; killing it",
+                      worker.pid, slot.name, timeout)
+            worker.kill()
+            return
+        except LemonadeError:
+            return  # the channel closed: the exit watcher handles it
+        if slot.worker is worker:
+            slot.vram_bytes = pong.memory.get("vram", 0)
+            slot.rss_bytes = worker.rss_bytes() or pong.memory.get("rss", 0)
+
+    # ================================================================ status
+
+    def refresh_memory(self) -> None:
+        for slot in self.slots.values():
+            if slot.worker is not None and slot.state in (State.READY, State.STOPPING):
+                slot.rss_bytes = slot.worker.rss_bytes()
+
+    def status(self) -> list[dict[str, Any]]:
+        self.refresh_memory()
+        now = asyncio.get_running_loop().time()
+        out = []
+        for slot in self.slots.values():
+            timeout = self.effective_idle_timeout(slot)
+            recipe = slot.recipe
+            out.append({
+                "name": slot.name,
+                "kind": recipe.kind,
+                "type": recipe.type,
+                "state": slot.state.value,
+                "pid": slot.pid,
+                "in_flight": slot.in_flight,
+                "waiting": slot.waiters,
+                "device": slot.device or recipe.device,
+                "idle_timeout_s": None if math.isinf(timeout.seconds) else timeout.seconds,
+                "idle_timeout_source": timeout.source,
+                "expires_at": _iso(slot.timer.expires_at) if slot.timer.armed else None,
+                "last_used": _iso(slot.last_used),
+                "loaded_at": _iso(slot.loaded_at) if slot.state is State.READY else None,
+                "load_seconds": slot.load_seconds,
+                "memory": {"rss_bytes": slot.rss_bytes, "vram_bytes": slot.vram_bytes},
+                "memory_estimate_bytes": slot.cost_bytes(),
+                "group": recipe.group,
+                "priority": recipe.priority,
+                "pinned": slot.pinned,
+                "last_eviction": None if slot.last_eviction is None else {
+                    "reason": slot.last_eviction["reason"],
+                    "at": _iso(slot.last_eviction["at"]),
+                },
+                "restarts": slot.restarts,
+                "failures": slot.failures,
+                "last_error": slot.last_error,
+                "retry_after_s": math.ceil(slot.cooldown_remaining(now))
+                if slot.state is State.FAILED else None,
+                "info": slot.info,
+            })
+        return out
+
+
+# ==================================================================== helpers
+
+
+def _consume_exception(future: asyncio.Future[None]) -> None:
+    # A load nobody waited for (preload) must not log "exception was never retrieved".
+    if not future.cancelled():
+        future.exception()
+
+
+def _worth_retrying(error: LemonadeError) -> bool:
+    """Lemonade's "nuclear option" applies to real load failures, not to recipe mistakes."""
+    if isinstance(error, WorkerError):
+        return error.worker_code in (ErrorCode.LOAD_FAILED, ErrorCode.OUT_OF_MEMORY)
+    return isinstance(error, WorkerFailed)
+
+
+def _resolve_budget(budget: int | str | None) -> int | None:
+    if budget == "auto":
+        # CPU-only today: the device total is the machine's RAM. GPU totals come with NVML.
+        return int(psutil.virtual_memory().total)
+    if budget is None or isinstance(budget, int):
+        return budget
+    raise ValueError(f"memory_budget must be bytes, 'auto' or None, got {budget!r}")
+
+
+def _iso(wall: float | None) -> str | None:
+    if wall is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(wall)) + f".{int(wall % 1 * 1000):03d}Z"
+
+
+def _create_time(pid: int) -> float:
+    try:
+        return float(psutil.Process(pid).create_time())
+    except psutil.Error:
+        return 0.0
+
+
+def sweep_stale_runtime_dirs(base: Path) -> list[Path]:
+    """Remove runtime dirs left by supervisors that died (their owner pid is gone)."""
+    removed = []
+    uid = os.getuid()
+    for path in base.glob(f"{RUNTIME_DIR_PREFIX}*"):
+        try:
+            if not path.is_dir() or path.is_symlink() or path.stat().st_uid != uid:
+                continue
+            owner = (path / _OWNER_FILE).read_text().split()
+            pid, created = int(owner[0]), float(owner[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if psutil.pid_exists(pid) and abs(_create_time(pid) - created) < 1.0:
+            continue  # a live supervisor owns it
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+        log.info("removed stale runtime dir %s (owner %d is gone)", path, pid)
+    return removed

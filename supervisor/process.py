@@ -1,0 +1,315 @@
+"""Spawn, handshake, stop and reap one worker process.
+
+A worker is ``python -m workers`` in its own session (so its whole process group can be
+killed), with an allowlisted environment. It connects back to a Unix socket that only it may
+use: the socket lives in the supervisor's private 0700 runtime directory, is created 0600,
+accepts exactly one connection, checks the peer's pid with ``SO_PEERCRED``, and is unlinked
+as soon as the worker is connected. The worker's stdout and stderr are forwarded to the log
+line by line with a ``[model]`` prefix, and the last lines are kept for error messages.
+
+Stopping is written so it cannot be skipped: ``stop()`` runs as its own task (callers shield
+it) and always ends with the group killed and the process reaped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import signal
+import socket
+import struct
+import sys
+from pathlib import Path
+
+import psutil
+
+from supervisor.errors import GatewayTimeout, WorkerFailed
+from workers.protocol import (
+    MAX_WORKER_FRAME_BYTES,
+    PROTOCOL_VERSION,
+    Hello,
+    ProtocolError,
+    read_message,
+)
+
+log = logging.getLogger(__name__)
+worker_log = logging.getLogger("supervisor.worker")
+
+#: Environment variables a worker may see; everything else (API keys, tokens, proxies) is
+#: dropped. Prefixes cover the thread, GPU and model-cache knobs users rely on.
+ENV_ALLOW = frozenset(
+    {"PATH", "HOME", "USER", "LANG", "LANGUAGE", "TZ", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV",
+     "LD_LIBRARY_PATH", "LEMONADE_LOG_LEVEL", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM"}
+)
+ENV_ALLOW_PREFIXES = (
+    "LC_", "CUDA_", "NVIDIA_", "HIP_", "ROCM_", "OMP_", "MKL_", "OPENBLAS_", "TORCH_", "HF_",
+    "XDG_", "COVERAGE_",
+)
+_SUN_PATH_MAX = 107
+_STDERR_TAIL_LINES = 40
+
+
+def worker_environment(source: dict[str, str] | None = None) -> dict[str, str]:
+    env = os.environ if source is None else source
+    out = {
+        k: v for k, v in env.items() if k in ENV_ALLOW or k.startswith(ENV_ALLOW_PREFIXES)
+    }
+    out["PYTHONUNBUFFERED"] = "1"
+    out["HF_HUB_OFFLINE"] = "1"  # a hub call must fail fast, not hang on a closed network
+    return out
+
+
+def _printable(line: str) -> str:
+    # Worker output goes into our log: escape control characters against log injection.
+    return "".join(c if c.isprintable() or c == "\t" else repr(c)[1:-1] for c in line)
+
+
+class WorkerProcess:
+    """One running worker: process, connected socket streams, output forwarders."""
+
+    def __init__(
+        self,
+        model: str,
+        proc: asyncio.subprocess.Process,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        output_tail: collections.deque[str],
+        forwarders: list[asyncio.Task[None]],
+    ) -> None:
+        self.model = model
+        self.proc = proc
+        self.pid = proc.pid
+        self.reader = reader
+        self.writer = writer
+        self.output_tail = output_tail
+        self._forwarders = forwarders
+        self.exited: asyncio.Task[int] = asyncio.ensure_future(self._wait())
+        self._stop_task: asyncio.Task[int] | None = None
+        try:
+            self._ps: psutil.Process | None = psutil.Process(self.pid)
+        except psutil.Error:
+            self._ps = None
+
+    # ----------------------------------------------------------------- spawn
+
+    @classmethod
+    async def spawn(
+        cls,
+        *,
+        model: str,
+        kind: str,
+        runtime_dir: Path,
+        seq: int,
+        handshake_timeout_s: float,
+        env: dict[str, str] | None = None,
+    ) -> WorkerProcess:
+        path = runtime_dir / f"{model}.{seq}.sock"
+        if len(os.fsencode(path)) > _SUN_PATH_MAX:
+            # Keep the name short but unique; the model name is only for humans here.
+            path = runtime_dir / f"w{seq}.sock"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)  # born 0600: no window between bind and chmod
+        try:
+            listener.bind(os.fspath(path))
+        finally:
+            os.umask(old_umask)
+        listener.listen(1)
+        listener.setblocking(False)
+        tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL_LINES)
+        proc: asyncio.subprocess.Process | None = None
+        forwarders: list[asyncio.Task[None]] = []
+        conn: socket.socket | None = None
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "workers",
+                "--socket", os.fspath(path), "--kind", kind, "--parent-pid", str(os.getpid()),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,
+                env=worker_environment() if env is None else env,
+            )
+            assert proc.stdout is not None and proc.stderr is not None
+            forwarders = [
+                asyncio.create_task(_forward(model, proc.pid, proc.stdout, tail)),
+                asyncio.create_task(_forward(model, proc.pid, proc.stderr, tail)),
+            ]
+            conn = await _accept_from(listener, proc, handshake_timeout_s, model, tail)
+            reader, writer = await asyncio.open_unix_connection(sock=conn)
+            conn = None  # owned by the streams now
+            try:
+                hello = await asyncio.wait_for(
+                    read_message(reader, {Hello.T: Hello}, max_frame=MAX_WORKER_FRAME_BYTES),
+                    handshake_timeout_s,
+                )
+            except (ProtocolError, TimeoutError) as e:
+                writer.close()
+                raise WorkerFailed(f"worker for '{model}' sent no valid hello: {e}") from None
+            if not isinstance(hello, Hello) or hello.pid != proc.pid or hello.v != PROTOCOL_VERSION:
+                writer.close()
+                raise WorkerFailed(
+                    f"worker for '{model}' sent a bad hello (pid/version mismatch): {hello!r:.200}"
+                )
+            worker = cls(model, proc, reader, writer, tail, forwarders)
+            log.debug("worker %d for %s connected", proc.pid, model)
+            return worker
+        except BaseException:
+            if conn is not None:
+                conn.close()
+            if proc is not None:
+                await _kill_group_and_reap(proc)
+            for task in forwarders:
+                task.cancel()
+            raise
+        finally:
+            listener.close()
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    # ----------------------------------------------------------------- state
+
+    async def _wait(self) -> int:
+        code = await self.proc.wait()
+        # The output pipes close with the process; let the forwarders flush the last lines.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.gather(*self._forwarders), 1.0)
+        return code
+
+    @property
+    def alive(self) -> bool:
+        return not self.exited.done()
+
+    def describe_exit(self) -> str:
+        code = self.proc.returncode
+        if code is None:
+            return "still running"
+        if code < 0:
+            try:
+                return f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"killed by signal {-code}"
+        return f"exited with code {code}"
+
+    def last_output(self, lines: int = 5) -> str:
+        return " | ".join(list(self.output_tail)[-lines:])
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the worker and any children it started (psutil)."""
+        if self._ps is None or not self.alive:
+            return 0
+        total = 0
+        try:
+            total = self._ps.memory_info().rss
+            for child in self._ps.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    total += child.memory_info().rss
+        except psutil.Error:
+            return 0
+        return total
+
+    # ----------------------------------------------------------------- stop
+
+    def stop(self, grace_s: float) -> asyncio.Task[int]:
+        """Start (or join) the stop; the task always ends with the process reaped.
+
+        The caller has already sent ``shutdown`` if it could. We wait half the grace for a
+        clean exit, SIGTERM the group, wait the other half, then SIGKILL the group.
+        """
+        if self._stop_task is None:
+            self._stop_task = asyncio.ensure_future(self._stop(grace_s))
+        return self._stop_task
+
+    async def _stop(self, grace_s: float) -> int:
+        try:
+            for sig in (None, signal.SIGTERM):
+                if sig is not None:
+                    _signal_group(self.pid, sig)
+                try:
+                    await asyncio.wait_for(asyncio.shield(self.exited), grace_s / 2)
+                    break
+                except TimeoutError:
+                    continue
+        finally:
+            code = await _kill_group_and_reap(self.proc)
+            self.writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self.exited), 2.0)
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL the group now (used when the worker broke the protocol or hung)."""
+        _signal_group(self.pid, signal.SIGKILL)
+
+
+# --------------------------------------------------------------------- helpers
+
+
+async def _accept_from(
+    listener: socket.socket,
+    proc: asyncio.subprocess.Process,
+    timeout_s: float,
+    model: str,
+    tail: collections.deque[str],
+) -> socket.socket:
+    loop = asyncio.get_running_loop()
+    accept = asyncio.ensure_future(loop.sock_accept(listener))
+    died = asyncio.ensure_future(proc.wait())
+    try:
+        done, _ = await asyncio.wait({accept, died}, timeout=timeout_s,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if accept in done:
+            conn, _ = accept.result()
+            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            pid, uid, _gid = struct.unpack("3i", creds)
+            if pid != proc.pid or uid != os.getuid():
+                conn.close()
+                raise WorkerFailed(
+                    f"a process other than the worker for '{model}' connected to its socket"
+                )
+            return conn
+        if died in done:
+            await asyncio.sleep(0.05)  # let the forwarders catch the last lines
+            detail = " | ".join(list(tail)[-5:])
+            raise WorkerFailed(
+                f"worker for '{model}' exited with code {proc.returncode} before connecting"
+                + (f": {detail}" if detail else "")
+            )
+        raise GatewayTimeout(f"worker for '{model}' did not connect within {timeout_s:g}s")
+    finally:
+        for fut in (accept, died):
+            if not fut.done():
+                fut.cancel()
+        with contextlib.suppress(BaseException):
+            await asyncio.gather(accept, died, return_exceptions=True)
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    # The worker leads its own session, so its pgid is its pid. While any member of the group
+    # lives, the kernel does not hand that id to a new process, so this cannot hit a stranger.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+async def _kill_group_and_reap(proc: asyncio.subprocess.Process) -> int:
+    _signal_group(proc.pid, signal.SIGKILL)
+    return await proc.wait()
+
+
+async def _forward(
+    model: str, pid: int, stream: asyncio.StreamReader, tail: collections.deque[str]
+) -> None:
+    while True:
+        try:
+            raw = await stream.readline()
+        except ValueError:  # a line longer than the stream limit: take what is there
+            raw = await stream.read(64 * 1024)
+        if not raw:
+            return
+        line = _printable(raw.decode("utf-8", "replace").rstrip("\r\n"))
+        if not line:
+            continue
+        tail.append(line[:500])
+        worker_log.info("[%s] %s", model, line)

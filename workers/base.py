@@ -1,0 +1,107 @@
+"""The interface a worker kind implements.
+
+A kind is a class with a no-argument constructor. The runtime creates one instance per worker
+process, calls :meth:`Model.load` once, then :meth:`Model.call` for each request (possibly
+from several threads at once, up to the recipe's ``max_concurrency``), and exits the process
+to unload: there is no ``unload`` method, because ending the process is what returns memory.
+
+Model code is synchronous and runs in worker threads; it reports progress, streams chunks and
+notices cancellation through the small context objects below, so it never touches asyncio.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from workers.protocol import ErrorCode
+
+
+class ModelError(Exception):
+    """A failure the model can name; ``code`` is one of :class:`workers.protocol.ErrorCode`."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Cancelled(Exception):
+    """Raised inside a call when the supervisor asked to stop it."""
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    name: str
+    type: str
+    device: str
+    options: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    device: str  # the device actually used ("cpu", "cuda:0", ...)
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+
+class LoadContext:
+    """Lets ``load`` report progress (``fraction`` in [0, 1])."""
+
+    def __init__(self, report: Callable[[float | None, str], None]) -> None:
+        self._report = report
+
+    def progress(self, fraction: float | None = None, message: str = "") -> None:
+        self._report(fraction, message)
+
+
+class CallContext:
+    """Lets ``call`` stream chunks and notice cancellation."""
+
+    def __init__(self, emit: Callable[[Any], None], cancelled: threading.Event) -> None:
+        self._emit = emit
+        self._cancelled = cancelled
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def check_cancelled(self) -> None:
+        if self._cancelled.is_set():
+            raise Cancelled()
+
+    def emit(self, data: Any) -> None:
+        """Send one chunk (bytes, str or a small map) to the supervisor, in order."""
+        self.check_cancelled()
+        self._emit(data)
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep that wakes up early, raising :class:`Cancelled`, if the call is cancelled."""
+        if self._cancelled.wait(seconds):
+            raise Cancelled()
+
+
+class Model(ABC):
+    """One loaded model inside one worker process."""
+
+    #: The kind name recipes use (``recipe = "synthetic"``).
+    kind: ClassVar[str] = ""
+
+    @abstractmethod
+    def load(self, request: LoadRequest, ctx: LoadContext) -> LoadResult:
+        """Load weights; raise :class:`ModelError` (``bad_config`` for recipe mistakes)."""
+
+    @abstractmethod
+    def call(self, op: str, args: Mapping[str, Any], ctx: CallContext) -> Any:
+        """Run one request; stream with ``ctx.emit``; return the small final result."""
+
+    def vram_bytes(self) -> int:
+        """Device memory this process holds (0 on CPU); sampled on every ping."""
+        return 0
+
+
+def invalid(message: str) -> ModelError:
+    """Shorthand for the common 400-class error."""
+    return ModelError(ErrorCode.INVALID_REQUEST, message)
