@@ -53,16 +53,6 @@ log = logging.getLogger(__name__)
 _AFTER_HELLO = {t: cls for t, cls in FROM_WORKER.items() if t != "hello"}
 
 
-class WorkerError(LemonadeError):
-    """An ``error`` message from the worker; ``worker_code`` is the protocol's code."""
-
-    def __init__(self, status_cls: type[LemonadeError], worker_code: str, message: str) -> None:
-        super().__init__(message, code=worker_code)
-        self.status = status_cls.status
-        self.type = status_cls.type
-        self.worker_code = worker_code
-
-
 _STATUS_BY_CODE: dict[str, type[LemonadeError]] = {
     ErrorCode.INVALID_REQUEST: BadRequest,
     ErrorCode.UNSUPPORTED: BadRequest,
@@ -74,8 +64,11 @@ _STATUS_BY_CODE: dict[str, type[LemonadeError]] = {
 }
 
 
-def worker_error(code: str, message: str) -> WorkerError:
-    return WorkerError(_STATUS_BY_CODE.get(code, WorkerFailed), code, message)
+def worker_error(code: str, message: str) -> LemonadeError:
+    """An ``error`` message from the worker as the matching HTTP error, keeping its code."""
+    error = _STATUS_BY_CODE.get(code, WorkerFailed)(message, code=code)
+    error.worker_code = code
+    return error
 
 
 class _Pending:

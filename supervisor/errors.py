@@ -24,6 +24,8 @@ class LemonadeError(Exception):
     status = 500
     type = "server_error"
     code = "internal_error"
+    #: Set when the error came from a worker's ``error`` message (workers.protocol.ErrorCode).
+    worker_code: str | None = None
 
     def __init__(
         self, message: str, *, code: str | None = None, retry_after_s: float | None = None

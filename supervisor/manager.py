@@ -31,7 +31,7 @@ from typing import Any
 import psutil
 
 from supervisor import policy
-from supervisor.channel import Channel, WorkerError
+from supervisor.channel import Channel
 from supervisor.config import Recipe, Settings, effective_preload
 from supervisor.errors import (
     Conflict,
@@ -428,6 +428,7 @@ class Manager:
         now = asyncio.get_running_loop().time()
         slot.cooldown_until_mono = now + cooldown
         slot.last_error = error.message
+        error.message = f"model '{slot.name}' failed to load: {error.message}"
         slot.transition(State.FAILED)
         # What the waiting requests see: 503 with the cooldown as Retry-After.
         if error.status != 504:
@@ -573,7 +574,7 @@ class Manager:
         try:
             async with channel.call("warmup", {}, timeout_s=timeout) as stream:
                 await stream.collect()
-        except WorkerError as e:
+        except LemonadeError as e:
             if e.worker_code != ErrorCode.UNSUPPORTED:
                 raise
             log.debug("kind %s has no warmup", slot.recipe.kind)
@@ -676,7 +677,7 @@ def _consume_exception(future: asyncio.Future[None]) -> None:
 
 def _worth_retrying(error: LemonadeError) -> bool:
     """Lemonade's "nuclear option" applies to real load failures, not to recipe mistakes."""
-    if isinstance(error, WorkerError):
+    if error.worker_code is not None:
         return error.worker_code in (ErrorCode.LOAD_FAILED, ErrorCode.OUT_OF_MEMORY)
     return isinstance(error, WorkerFailed)
 

@@ -1,0 +1,716 @@
+"""The one frozen config tree every other part of the supervisor reads.
+
+Settings come from four layers, highest first: CLI flags, ``LEMONADE_*`` environment
+variables, ``lemonade.toml`` (plus extra recipe files), and built-in defaults. This module
+merges them, validates every value once, and hands out immutable objects, so the rest of the
+supervisor never re-parses a string or wonders whether a value was checked. Each error names
+the file (or env var, or flag), the key, and what would have been accepted; ``sources``
+records which layer set each server-level value, so status output can say why a timeout is
+what it is.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import date, datetime, time
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, Literal, NoReturn, TypeVar
+
+from supervisor.units import parse_duration, parse_size
+from workers.protocol import BUILTIN_KINDS, MODEL_TYPES
+
+__all__ = [
+    "DEFAULT_PRIORITY_BY_TYPE",
+    "DEVICE_RE",
+    "LOG_LEVELS",
+    "MODEL_NAME_RE",
+    "ConfigError",
+    "FrozenDict",
+    "Group",
+    "Recipe",
+    "Settings",
+    "effective_preload",
+    "is_loopback_host",
+    "known_kinds",
+    "load_settings",
+]
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+class FrozenDict(dict[_K, _V]):
+    """A dict that refuses changes.
+
+    It stays a real dict (not a ``MappingProxyType``) so that msgpack, ``json`` and
+    ``dataclasses.asdict`` accept config objects as they are, and so they can be copied.
+    """
+
+    __slots__ = ()
+
+    def _refuse(self, *args: object, **kwargs: object) -> NoReturn:
+        raise TypeError(f"{type(self).__name__} is read-only")
+
+    __setitem__ = _refuse
+    __delitem__ = _refuse
+    __ior__ = _refuse
+    clear = _refuse
+    pop = _refuse
+    popitem = _refuse
+    setdefault = _refuse
+    update = _refuse
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The default dict pickling protocol refills the copy item by item, which we refuse.
+        return (type(self), (dict(self),))
+
+
+MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+DEFAULT_PRIORITY_BY_TYPE: Mapping[str, int] = FrozenDict(
+    {"llm": 0, "embedding": 1, "tts": 1, "asr": 2}
+)
+DEVICE_RE = re.compile(r"^(auto|cpu|npu|cuda(:\d+)?)$")
+LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
+
+
+class ConfigError(Exception):
+    """A config value is missing, malformed or inconsistent.
+
+    The message always names where the value came from (file and key, env var, or CLI flag)
+    and what is allowed, so it can be shown to the user as it is.
+    """
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return FrozenDict({k: _freeze(v) for k, v in value.items()})
+    if isinstance(value, list | tuple):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+@dataclass(frozen=True)
+class Group:
+    name: str
+    exclusive: bool = False
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    kind: str
+    type: str
+    device: str = "auto"
+    idle_timeout_s: float | None = None
+    priority: int = 1
+    memory_bytes: int | None = None
+    group: str | None = None
+    pinned: bool = False
+    preload: bool = False
+    warmup: bool = False
+    max_concurrency: int = 4
+    options: Mapping[str, Any] = field(default_factory=FrozenDict)
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "options", _freeze(self.options))
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    auto_unload_timer_s: float = 300.0
+    max_loaded_models: int | None = None
+    max_loaded_per_type: Mapping[str, int] = field(default_factory=FrozenDict)
+    memory_budget: int | Literal["auto"] | None = "auto"
+    default_model: str | None = None
+    max_parallel_loads: int = 1
+    min_residency_s: float = 0.0
+    stop_grace_s: float = 10.0
+    drain_timeout_s: float = 60.0
+    load_timeout_s: float = 120.0
+    call_timeout_s: float = 600.0
+    load_failure_cooldown_s: float = 10.0
+    load_failure_cooldown_max_s: float = 300.0
+    heartbeat_interval_s: float = 10.0
+    log_level: str = "info"
+    api_key: str | None = field(default=None, repr=False)
+    preload: tuple[str, ...] = ()
+    groups: Mapping[str, Group] = field(default_factory=FrozenDict)
+    models: Mapping[str, Recipe] = field(default_factory=FrozenDict)
+    config_path: str | None = None
+    sources: Mapping[str, str] = field(default_factory=FrozenDict)
+
+    def __post_init__(self) -> None:
+        for name in ("max_loaded_per_type", "groups", "models", "sources"):
+            object.__setattr__(self, name, FrozenDict(getattr(self, name)))
+        object.__setattr__(self, "preload", tuple(self.preload))
+
+
+# --- value parsers -------------------------------------------------------------------------
+# Each takes (value, where, textual): `textual` is true for env vars and CLI flags, whose
+# values arrive as strings that must be converted; file values must already have the type.
+
+_Parser = Callable[[Any, str, bool], Any]
+
+
+def _fail(where: str, expected: str, value: object) -> NoReturn:
+    raise ConfigError(f"{where}: expected {expected}; got {value!r}")
+
+
+def _as_int(value: Any, where: str, textual: bool, expected: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if textual and isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+        return int(value)
+    _fail(where, expected, value)
+
+
+def _as_bool(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        _fail(where, "true or false", value)
+    return value
+
+
+def _as_str(value: Any, where: str, expected: str = "a non-empty string") -> str:
+    if not isinstance(value, str) or not value.strip():
+        _fail(where, expected, value)
+    return value.strip()
+
+
+def _duration(*, zero_means_never: bool = False, positive: bool = False) -> _Parser:
+    def parse(value: Any, where: str, textual: bool) -> float:
+        try:
+            seconds = parse_duration(value, where=where, zero_means_never=zero_means_never)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if positive and seconds <= 0:
+            _fail(where, "a duration greater than 0", value)
+        return seconds
+
+    return parse
+
+
+def _parse_host(value: Any, where: str, textual: bool) -> str:
+    expected = 'a host name or IP address ("127.0.0.1", "::1", "0.0.0.0")'
+    host = _as_str(value, where, expected)
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host or any(c.isspace() for c in host):
+        _fail(where, expected, value)
+    return host
+
+
+def _parse_port(value: Any, where: str, textual: bool) -> int:
+    expected = "an integer port 1..65535 (0 picks a free port)"
+    port = _as_int(value, where, textual, expected)
+    if not 0 <= port <= 65535:
+        _fail(where, expected, value)
+    return port
+
+
+def _parse_max_loaded(value: Any, where: str, textual: bool) -> int | None:
+    expected = "an integer >= 1, or 0/-1 for unlimited"
+    count = _as_int(value, where, textual, expected)
+    if count in (0, -1):
+        return None
+    if count < 1:
+        _fail(where, expected, value)
+    return count
+
+
+def _parse_positive_int(value: Any, where: str, textual: bool) -> int:
+    count = _as_int(value, where, textual, "an integer >= 1")
+    if count < 1:
+        _fail(where, "an integer >= 1", value)
+    return count
+
+
+def _parse_budget(value: Any, where: str, textual: bool) -> int | Literal["auto"] | None:
+    expected = '"auto" (device total), "none"/"off" (no budget), or a size ("12GiB", "800MB")'
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word == "auto":
+            return "auto"
+        if word in ("none", "off"):
+            return None
+    try:
+        size = parse_size(value, where=where)
+    except ValueError:
+        _fail(where, expected, value)
+    if size == 0:
+        _fail(where, f'{expected}; a budget of 0 bytes fits nothing, use "none" instead', value)
+    return size
+
+
+def _parse_model_name(value: Any, where: str, textual: bool) -> str:
+    expected = f"a model name matching {MODEL_NAME_RE.pattern}"
+    name = _as_str(value, where, expected)
+    if not MODEL_NAME_RE.match(name):
+        _fail(where, expected, value)
+    return name
+
+
+def _parse_log_level(value: Any, where: str, textual: bool) -> str:
+    expected = "one of " + ", ".join(LOG_LEVELS)
+    level = _as_str(value, where, expected).lower()
+    if level not in LOG_LEVELS:
+        _fail(where, expected, value)
+    return level
+
+
+def _parse_preload(value: Any, where: str, textual: bool) -> tuple[str, ...]:
+    if textual and isinstance(value, str):
+        items: list[Any] = [value]
+    elif isinstance(value, list | tuple):
+        items = list(value)
+    else:
+        expected = "comma-separated model names" if textual else "an array of model names"
+        _fail(where, expected, value)
+    names: list[str] = []
+    for item in items:
+        # On the command line and in env vars, "a,b" is as good as two separate names.
+        parts = item.split(",") if textual and isinstance(item, str) else [item]
+        for part in parts:
+            if textual and isinstance(part, str) and not part.strip():
+                continue
+            name = _parse_model_name(part, where, textual)
+            if name not in names:
+                names.append(name)
+    return tuple(names)
+
+
+@dataclass(frozen=True)
+class _ServerKey:
+    key: str  # the [server] key, and the CLI dict key
+    field: str  # the Settings field
+    parse: _Parser
+    env: str  # the environment variable
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.key.replace("_", "-")
+
+
+_ENV = "LEMONADE_"
+_SERVER_KEYS: tuple[_ServerKey, ...] = tuple(
+    _ServerKey(key, field, parse, env or _ENV + key.upper())
+    for key, field, parse, env in (
+        ("host", "host", _parse_host, ""),
+        ("port", "port", _parse_port, ""),
+        (
+            "auto_unload_timer",
+            "auto_unload_timer_s",
+            _duration(zero_means_never=True),
+            "LEMONADE_GLOBAL_AUTO_UNLOAD_TIMER",
+        ),
+        ("max_loaded_models", "max_loaded_models", _parse_max_loaded, ""),
+        ("memory_budget", "memory_budget", _parse_budget, ""),
+        ("default_model", "default_model", _parse_model_name, ""),
+        ("max_parallel_loads", "max_parallel_loads", _parse_positive_int, ""),
+        ("min_residency", "min_residency_s", _duration(), ""),
+        ("stop_grace", "stop_grace_s", _duration(), ""),
+        ("drain_timeout", "drain_timeout_s", _duration(), ""),
+        ("load_timeout", "load_timeout_s", _duration(positive=True), ""),
+        ("call_timeout", "call_timeout_s", _duration(positive=True), ""),
+        ("load_failure_cooldown", "load_failure_cooldown_s", _duration(), ""),
+        ("load_failure_cooldown_max", "load_failure_cooldown_max_s", _duration(), ""),
+        ("heartbeat_interval", "heartbeat_interval_s", _duration(positive=True), ""),
+        ("log_level", "log_level", _parse_log_level, ""),
+        ("preload", "preload", _parse_preload, ""),
+    )
+)
+_SERVER_FILE_KEYS = (*(k.key for k in _SERVER_KEYS), "max_loaded_per_type")
+_CLI_KEYS = ("config", "recipes", *(k.key for k in _SERVER_KEYS))
+_MODEL_KEYS = tuple(
+    "recipe type device idle_timeout priority memory group pinned preload warmup "
+    "max_concurrency options".split()
+)
+_GROUP_KEYS = ("exclusive",)
+_SERVER_FIELDS = (*(k.field for k in _SERVER_KEYS), "max_loaded_per_type", "api_key")
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for names that only this machine can reach: localhost, 127.0.0.0/8, ::1."""
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def known_kinds() -> tuple[str, ...]:
+    """Worker kinds a recipe may name: the built-in ones and installed plugins.
+
+    Plugins are found by entry-point name only; their code is not imported here.
+    """
+    plugins = {ep.name for ep in entry_points(group="lemonade.workers")}
+    return tuple(sorted(set(BUILTIN_KINDS) | plugins))
+
+
+def effective_preload(settings: Settings) -> tuple[str, ...]:
+    """Models to load at start: those with ``preload = true`` (in config order), then
+    ``settings.preload``, each once."""
+    names = [name for name, recipe in settings.models.items() if recipe.preload]
+    names.extend(name for name in settings.preload if name not in names)
+    return tuple(names)
+
+
+def _table(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        _fail(where, "a table", value)
+    return value
+
+
+def _check_keys(table: Mapping[str, Any], allowed: Iterable[str], where: str) -> None:
+    allowed = tuple(allowed)
+    for key in table:
+        if key not in allowed:
+            raise ConfigError(f"{where}: unknown key {key!r}; allowed keys: {', '.join(allowed)}")
+
+
+def _read_toml(path: Path, named_by: str) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found (named by {named_by})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+
+
+def _check_option_values(value: Any, where: str) -> None:
+    # TOML dates and times cannot cross the msgpack wire to the worker.
+    if isinstance(value, datetime | date | time):
+        _fail(where, "a string, number, boolean, array or table (not a date/time)", value)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_option_values(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_option_values(item, f"{where}[{index}]")
+
+
+def _model_type(table: Mapping[str, Any], options: Mapping[str, Any], kind: str, at: str) -> str:
+    allowed = ", ".join(MODEL_TYPES)
+    if "type" in table:
+        type_, where = table["type"], f"{at} type"
+    elif isinstance(options.get("type"), str):
+        type_, where = options["type"], f"{at} options.type"
+    else:
+        type_ = BUILTIN_KINDS.get(kind)
+        if type_ is None:
+            raise ConfigError(
+                f"{at}: recipe {kind!r} has no default model type; set type = one of {allowed}"
+            )
+        where = f"{at} recipe"
+    if type_ not in MODEL_TYPES:
+        _fail(where, f"a model type: one of {allowed}", type_)
+    return str(type_)
+
+
+def _parse_model(name: str, raw: Any, path: str, kinds: Callable[[], tuple[str, ...]]) -> Recipe:
+    at = f"{path}: [models.{name}]"
+    if not MODEL_NAME_RE.match(name):
+        _fail(at, f"a model name matching {MODEL_NAME_RE.pattern}", name)
+    table = _table(raw, at)
+    _check_keys(table, _MODEL_KEYS, at)
+
+    if "recipe" not in table:
+        raise ConfigError(
+            f"{at}: missing required key 'recipe' (the worker kind; one of {', '.join(kinds())})"
+        )
+    kind = _as_str(table["recipe"], f"{at} recipe", "a worker kind name")
+    if kind not in kinds():
+        raise ConfigError(
+            f"{at} recipe: unknown worker kind {kind!r}; known kinds: {', '.join(kinds())}"
+        )
+
+    options = _table(table.get("options", {}), f"{at} options")
+    _check_option_values(options, f"{at} options")
+    type_ = _model_type(table, options, kind, at)
+
+    device = table.get("device", "auto")
+    if not isinstance(device, str) or not DEVICE_RE.match(device):
+        _fail(f"{at} device", "auto, cpu, cuda, cuda:N or npu", device)
+
+    idle_timeout_s = None
+    if "idle_timeout" in table:
+        idle_timeout_s = _duration(zero_means_never=True)(
+            table["idle_timeout"], f"{at} idle_timeout", False
+        )
+
+    priority = DEFAULT_PRIORITY_BY_TYPE.get(type_, 1)
+    if "priority" in table:
+        priority = _as_int(table["priority"], f"{at} priority", False, "an integer")
+
+    memory_bytes = None
+    if "memory" in table:
+        try:
+            memory_bytes = parse_size(table["memory"], where=f"{at} memory")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    group = None
+    if "group" in table:
+        group = _as_str(table["group"], f"{at} group", "the name of a [groups.NAME] table")
+
+    max_concurrency = 4
+    if "max_concurrency" in table:
+        max_concurrency = _parse_positive_int(
+            table["max_concurrency"], f"{at} max_concurrency", False
+        )
+
+    return Recipe(
+        name=name,
+        kind=kind,
+        type=type_,
+        device=device,
+        idle_timeout_s=idle_timeout_s,
+        priority=priority,
+        memory_bytes=memory_bytes,
+        group=group,
+        pinned=_as_bool(table.get("pinned", False), f"{at} pinned"),
+        preload=_as_bool(table.get("preload", False), f"{at} preload"),
+        warmup=_as_bool(table.get("warmup", False), f"{at} warmup"),
+        max_concurrency=max_concurrency,
+        options=options,
+        source=path,
+    )
+
+
+def _parse_per_type(value: Any, where: str) -> dict[str, int]:
+    table = _table(value, where)
+    _check_keys(table, MODEL_TYPES, where)
+    return {
+        type_: _parse_positive_int(count, f"{where}.{type_}", False)
+        for type_, count in table.items()
+    }
+
+
+class _Builder:
+    """Collects values layer by layer, remembering where each one came from."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+        self.sources: dict[str, str] = dict.fromkeys(_SERVER_FIELDS, "default")
+        # Where each value was set, in the form error messages use ("x.toml: [server] key").
+        self.where: dict[str, str] = {}
+        self.groups: dict[str, Group] = {}
+        self.models: dict[str, Recipe] = {}
+        self._defined_in: dict[tuple[str, str], str] = {}
+
+    def set(self, name: str, value: Any, source: str, where: str) -> None:
+        self.values[name] = value
+        self.sources[name] = source
+        self.where[name] = where
+
+    def add_file(
+        self,
+        path: str,
+        data: dict[str, Any],
+        *,
+        is_recipe_file: bool,
+        kinds: Callable[[], tuple[str, ...]],
+    ) -> None:
+        sections = ("groups", "models") if is_recipe_file else ("server", "groups", "models")
+        if is_recipe_file and "server" in data:
+            raise ConfigError(
+                f"{path}: a recipe file may only hold [models.*] and [groups.*] tables; "
+                "move [server] to the main config file"
+            )
+        for key in data:
+            if key not in sections:
+                raise ConfigError(
+                    f"{path}: unknown top-level key {key!r}; allowed: "
+                    + ", ".join(f"[{s}]" for s in sections)
+                )
+        if "server" in data:
+            self._add_server(path, _table(data["server"], f"{path}: [server]"))
+        for name, raw in _table(data.get("groups", {}), f"{path}: [groups]").items():
+            self._define("group", name, path)
+            at = f"{path}: [groups.{name}]"
+            if not MODEL_NAME_RE.match(name):
+                _fail(at, f"a group name matching {MODEL_NAME_RE.pattern}", name)
+            table = _table(raw, at)
+            _check_keys(table, _GROUP_KEYS, at)
+            exclusive = _as_bool(table.get("exclusive", False), f"{at} exclusive")
+            self.groups[name] = Group(name=name, exclusive=exclusive)
+        for name, raw in _table(data.get("models", {}), f"{path}: [models]").items():
+            self._define("model", name, path)
+            self.models[name] = _parse_model(name, raw, path, kinds)
+
+    def _define(self, what: str, name: str, path: str) -> None:
+        first = self._defined_in.get((what, name))
+        if first is not None:
+            raise ConfigError(f"{what} {name!r} is defined twice: in {first} and in {path}")
+        self._defined_in[(what, name)] = path
+
+    def _add_server(self, path: str, table: dict[str, Any]) -> None:
+        where = f"{path}: [server]"
+        if "api_key" in table:
+            raise ConfigError(
+                f"{where} api_key: the API key is not read from files; "
+                "set the LEMONADE_API_KEY environment variable instead"
+            )
+        _check_keys(table, _SERVER_FILE_KEYS, where)
+        for key in _SERVER_KEYS:
+            if key.key in table:
+                at = f"{where} {key.key}"
+                self.set(key.field, key.parse(table[key.key], at, False), f"file {path}", at)
+        if "max_loaded_per_type" in table:
+            at = f"{where} max_loaded_per_type"
+            per_type = _parse_per_type(table["max_loaded_per_type"], at)
+            self.set("max_loaded_per_type", per_type, f"file {path}", at)
+
+
+def _given(value: Any) -> bool:
+    # click hands `multiple=True` options over as () when the flag was not used.
+    return value is not None and value != () and value != []
+
+
+def _find_config(
+    cli: Mapping[str, Any], env: Mapping[str, str], cwd: Path
+) -> tuple[Path | None, str]:
+    if "config" in cli:
+        return cwd / str(cli["config"]), "--config"
+    if "LEMONADE_CONFIG" in env:
+        return cwd / env["LEMONADE_CONFIG"], "env LEMONADE_CONFIG"
+    default = cwd / "lemonade.toml"
+    if default.is_file():
+        return default, "the working directory"
+    return None, ""
+
+
+def _recipe_paths(
+    cli: Mapping[str, Any], env: Mapping[str, str], cwd: Path
+) -> list[tuple[Path, str]]:
+    if "recipes" in cli:
+        raw = cli["recipes"]
+        items = [raw] if isinstance(raw, str | os.PathLike) else list(raw)
+        return [(cwd / str(item), "--recipes") for item in items]
+    if "LEMONADE_RECIPES" in env:
+        parts = env["LEMONADE_RECIPES"].split(os.pathsep)
+        return [(cwd / part, "env LEMONADE_RECIPES") for part in parts if part]
+    return []
+
+
+def _cross_check(b: _Builder) -> None:
+    def where(name: str) -> str:
+        return b.where.get(name, name)
+
+    configured = ", ".join(b.models) or "none"
+    default_model = b.values.get("default_model")
+    if default_model is not None and default_model not in b.models:
+        raise ConfigError(
+            f"{where('default_model')}: {default_model!r} is not a configured model; "
+            f"configured models: {configured}"
+        )
+    for name in b.values.get("preload", ()):
+        if name not in b.models:
+            raise ConfigError(
+                f"{where('preload')}: {name!r} is not a configured model; "
+                f"configured models: {configured}"
+            )
+    for recipe in b.models.values():
+        if recipe.group is not None and recipe.group not in b.groups:
+            defined = ", ".join(b.groups) or "none"
+            raise ConfigError(
+                f"{recipe.source}: [models.{recipe.name}] group: no group {recipe.group!r}; "
+                f"add a [groups.{recipe.group}] table (defined groups: {defined})"
+            )
+    cooldown = b.values.get("load_failure_cooldown_s", Settings.load_failure_cooldown_s)
+    cooldown_max = b.values.get("load_failure_cooldown_max_s", Settings.load_failure_cooldown_max_s)
+    if cooldown_max < cooldown:
+        raise ConfigError(
+            f"{where('load_failure_cooldown_max_s')}: load_failure_cooldown_max "
+            f"({cooldown_max:g}s) must be at least load_failure_cooldown ({cooldown:g}s)"
+        )
+    host = b.values.get("host", Settings.host)
+    if not is_loopback_host(host) and not b.values.get("api_key"):
+        raise ConfigError(
+            f"{where('host')}: binding to {host} exposes the server to the network; "
+            "set LEMONADE_API_KEY (or bind 127.0.0.1)"
+        )
+
+
+def load_settings(
+    *,
+    cli: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: str | Path | None = None,
+) -> Settings:
+    """Build the Settings from defaults < config file (+ recipe files) < env < CLI.
+
+    ``cli`` maps option names (``port``, ``auto_unload_timer``, ``config``, ``recipes``, ...,
+    i.e. the ``[server]`` keys) to raw values; None or an empty list means "not given".
+    ``env`` defaults to ``os.environ``; an empty value counts as unset. Relative paths are
+    taken from ``cwd`` (default: the process's working directory).
+    Raises ConfigError with a message fit to show the user.
+    """
+    cli_given = {k: v for k, v in (cli or {}).items() if _given(v)}
+    env_given = {k: v for k, v in (os.environ if env is None else env).items() if v != ""}
+    base = Path.cwd() if cwd is None else Path(cwd)
+
+    if "api_key" in cli_given:
+        raise ConfigError(
+            "--api-key: the API key is never taken from the command line (other users can "
+            "read it); set the LEMONADE_API_KEY environment variable instead"
+        )
+    for name in cli_given:
+        if name not in _CLI_KEYS:
+            raise ConfigError(
+                f"--{name.replace('_', '-')}: unknown option; known options: "
+                + ", ".join(_CLI_KEYS)
+            )
+
+    kinds_cache: list[tuple[str, ...]] = []
+
+    def kinds() -> tuple[str, ...]:
+        # Scanning entry points costs a little; do it at most once, and only if needed.
+        if not kinds_cache:
+            kinds_cache.append(known_kinds())
+        return kinds_cache[0]
+
+    builder = _Builder()
+    config_path, named_by = _find_config(cli_given, env_given, base)
+    if config_path is not None:
+        data = _read_toml(config_path, named_by)
+        builder.add_file(str(config_path), data, is_recipe_file=False, kinds=kinds)
+    for path, named in _recipe_paths(cli_given, env_given, base):
+        builder.add_file(str(path), _read_toml(path, named), is_recipe_file=True, kinds=kinds)
+
+    for key in _SERVER_KEYS:
+        if key.env in env_given:
+            where = f"env {key.env}"
+            builder.set(key.field, key.parse(env_given[key.env], where, True), where, where)
+    if "LEMONADE_API_KEY" in env_given:
+        where = "env LEMONADE_API_KEY"
+        builder.set("api_key", env_given["LEMONADE_API_KEY"], where, where)
+    for key in _SERVER_KEYS:
+        if key.key in cli_given:
+            where = key.flag
+            value = key.parse(cli_given[key.key], where, True)
+            builder.set(key.field, value, f"cli {key.flag}", where)
+
+    _cross_check(builder)
+    return Settings(
+        **builder.values,
+        groups=builder.groups,
+        models=builder.models,
+        config_path=None if config_path is None else str(config_path),
+        sources=builder.sources,
+    )

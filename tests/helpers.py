@@ -1,0 +1,38 @@
+"""Small builders shared by the integration tests: settings from TOML text, process checks."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import psutil
+
+from supervisor.config import Settings, load_settings
+
+
+def settings_from_toml(
+    tmp_path: Path, text: str, *, env: Mapping[str, str] | None = None
+) -> Settings:
+    path = tmp_path / "lemonade.toml"
+    path.write_text(text)
+    return load_settings(cli={"config": str(path)}, env=dict(env or {}), cwd=tmp_path)
+
+
+def process_gone(pid: int) -> bool:
+    """True when ``pid`` no longer exists at all (not even as a zombie)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_DEAD
+    except psutil.NoSuchProcess:
+        return True
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> float:
+    """Poll until ``predicate()``; returns the seconds it took, fails with ``what``."""
+    started = time.monotonic()
+    while not predicate():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+    return time.monotonic() - started

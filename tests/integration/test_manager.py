@@ -1,0 +1,361 @@
+"""The manager with real synthetic workers: idle timers, single-flight loads, every eviction
+path, crash detection, load failures. Each test names the behaviour a user relies on."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from typing import Any
+
+import pytest
+
+from supervisor.errors import Conflict, ServiceUnavailable, WorkerFailed
+from supervisor.lifecycle import State
+from supervisor.manager import Manager
+from tests.helpers import process_gone, wait_for
+from tests.integration.conftest import ManagerFactory
+
+MiB = 1024 * 1024
+
+
+def tts(name: str, **fields: Any) -> str:
+    """A [models.NAME] table for the synthetic tts kind; ``options`` go in their own table."""
+    options = fields.pop("options", {})
+    lines = [f"[models.{name}]", 'recipe = "synthetic"', 'type = "tts"']
+    lines += [f"{k} = {_toml(v)}" for k, v in fields.items()]
+    lines.append(f"[models.{name}.options]")
+    lines += [f"{k} = {_toml(v)}" for k, v in options.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return str(value)
+
+
+def server(**fields: Any) -> str:
+    fields.setdefault("auto_unload_timer", "never")
+    fields.setdefault("stop_grace", "2s")
+    return "[server]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in fields.items())
+
+
+async def speak(manager: Manager, name: str, *, keep_alive_s: float | None = None,
+                text: str = "hello") -> tuple[int, bytes]:
+    async with manager.use(name, keep_alive_s=keep_alive_s) as lease:
+        async with lease.channel.call("speech", {"input": text, "response_format": "wav"},
+                                      timeout_s=30) as call:
+            audio = b"".join(await call.collect())
+        return lease.pid, audio
+
+
+def assert_retired(manager: Manager, name: str, pid: int, reason: str) -> None:
+    slot = manager.slots[name]
+    assert slot.state is State.UNLOADED, slot.state
+    assert slot.last_eviction is not None and slot.last_eviction["reason"] == reason
+    assert not slot.timer.armed, "idle timer left armed after eviction"
+    assert slot.timer.expires_at is None
+    assert process_gone(pid), f"worker {pid} of {name} still exists after {reason}"
+
+
+# ----------------------------------------------------------------------------- idle timers
+
+
+async def test_idle_unload_after_recipe_timeout(make_manager: ManagerFactory) -> None:
+    manager = await make_manager(server() + tts("a", idle_timeout="0.5s"))
+    pid, audio = await speak(manager, "a")
+    assert audio.startswith(b"RIFF")
+    slot = manager.slots["a"]
+    assert slot.timer.armed and manager.effective_idle_timeout(slot).source.startswith("recipe")
+    took = await wait_for(lambda: slot.state is State.UNLOADED, 5, "idle unload")
+    assert 0.3 < took < 2.0
+    assert_retired(manager, "a", pid, "idle")
+
+
+async def test_recipe_without_timeout_uses_global_env_var(make_manager: ManagerFactory) -> None:
+    manager = await make_manager(
+        "[server]\nstop_grace = \"2s\"\n" + tts("a"),
+        env={"LEMONADE_GLOBAL_AUTO_UNLOAD_TIMER": "0.5s"},
+    )
+    slot = manager.slots["a"]
+    effective = manager.effective_idle_timeout(slot)
+    assert effective.seconds == 0.5
+    assert "LEMONADE_GLOBAL_AUTO_UNLOAD_TIMER" in effective.source
+    pid, _ = await speak(manager, "a")
+    await wait_for(lambda: slot.state is State.UNLOADED, 5, "idle unload via the global timer")
+    assert_retired(manager, "a", pid, "idle")
+
+
+async def test_idle_timeout_zero_never_unloads(make_manager: ManagerFactory) -> None:
+    manager = await make_manager(server(auto_unload_timer="0.3s") + tts("a", idle_timeout=0))
+    pid, _ = await speak(manager, "a")
+    slot = manager.slots["a"]
+    assert not slot.timer.armed
+    await asyncio.sleep(1.0)
+    assert slot.state is State.READY and slot.pid == pid
+    assert manager.status()[0]["expires_at"] is None
+
+
+async def test_timer_counts_from_the_end_of_the_last_request(make_manager: ManagerFactory) -> None:
+    manager = await make_manager(
+        server() + tts("a", idle_timeout="0.6s", options={"latency_ms": 1000, "chunks": 2})
+    )
+    await manager.load("a")
+    slot = manager.slots["a"]
+    await speak(manager, "a")  # takes ~1 s, longer than the idle timeout
+    ended = time.monotonic()
+    await asyncio.sleep(0.3)
+    assert slot.state is State.READY, "unloaded before the timeout counted from the request end"
+    await wait_for(lambda: slot.state is State.UNLOADED, 3, "idle unload")
+    assert time.monotonic() - ended >= 0.55
+
+
+async def test_request_in_flight_is_never_unloaded_by_its_timer(
+    make_manager: ManagerFactory,
+) -> None:
+    manager = await make_manager(
+        server() + tts("a", idle_timeout="0.2s", options={"latency_ms": 1500, "chunks": 3})
+    )
+    await manager.load("a")
+    slot = manager.slots["a"]
+    request = asyncio.create_task(speak(manager, "a"))
+    await wait_for(lambda: slot.in_flight == 1, 2, "the request to start")
+    await asyncio.sleep(0.8)  # four idle timeouts later
+    assert slot.state is State.READY and not slot.timer.armed
+    pid, audio = await request
+    assert audio.startswith(b"RIFF") and slot.pid == pid
+    await wait_for(lambda: slot.state is State.UNLOADED, 3, "idle unload after the request")
+
+
+async def test_keep_alive_on_a_request_overrides_and_holds(make_manager: ManagerFactory) -> None:
+    manager = await make_manager(server() + tts("a", idle_timeout="1h"))
+    await speak(manager, "a", keep_alive_s=0.4)
+    slot = manager.slots["a"]
+    assert manager.effective_idle_timeout(slot).source == "request"
+    await speak(manager, "a")  # no keep_alive: the last one still holds
+    assert manager.effective_idle_timeout(slot).seconds == 0.4
+    await wait_for(lambda: slot.state is State.UNLOADED, 3, "unload after keep_alive")
+    assert slot.last_eviction is not None and slot.last_eviction["reason"] == "idle"
+
+
+async def test_runtime_timeout_rearms_an_idle_model(make_manager: ManagerFactory) -> None:
+    manager = await make_manager(server() + tts("a", idle_timeout="1h"))
+    await manager.load("a")
+    manager.set_idle_timeout("a", 0.3)
+    slot = manager.slots["a"]
+    assert manager.effective_idle_timeout(slot).source == "runtime"
+    await wait_for(lambda: slot.state is State.UNLOADED, 3, "unload after the runtime timeout")
+
+
+# ----------------------------------------------------------------------------- every eviction
+
+
+async def test_every_eviction_path_cancels_the_timer_and_ends_the_process(
+    make_manager: ManagerFactory,
+) -> None:
+    manager = await make_manager(
+        server(max_loaded_models=2, memory_budget="400MiB")
+        + "[groups.npu]\nexclusive = true\n"
+        + tts("idle", idle_timeout="0.3s")
+        + tts("lru1", idle_timeout="1h")
+        + tts("lru2", idle_timeout="1h")
+        + tts("big", idle_timeout="1h", memory="300MiB", options={"memory_mb": 8})
+        + tts("npu1", idle_timeout="1h", group="npu")
+        + tts("npu2", idle_timeout="1h", group="npu")
+        + tts("plain", idle_timeout="1h")
+        + tts("crashy", idle_timeout="1h")
+    )
+    slots = manager.slots
+
+    # idle
+    pid, _ = await speak(manager, "idle")
+    await wait_for(lambda: slots["idle"].state is State.UNLOADED, 3, "idle unload")
+    assert_retired(manager, "idle", pid, "idle")
+
+    # lru: a third model past max_loaded_models=2 evicts the least recently used
+    pid1, _ = await speak(manager, "lru1")
+    await speak(manager, "lru2")
+    assert slots["lru1"].timer.armed
+    await speak(manager, "plain")
+    assert_retired(manager, "lru1", pid1, "lru")
+    await manager.unload_all()
+
+    # memory: 'big' is estimated at 300 MiB (until measured); with a 400 MiB budget,
+    # another 300 MiB estimate cannot sit beside it
+    pid_big, _ = await speak(manager, "big")
+    manager.slots["big"].measured_cost_bytes = 300 * MiB  # keep the estimate for the test
+    manager.slots["lru2"].measured_cost_bytes = 300 * MiB
+    await speak(manager, "lru2")
+    assert_retired(manager, "big", pid_big, "memory")
+    await manager.unload_all()
+
+    # exclusive group: npu2 evicts npu1 though there is room
+    pid_npu, _ = await speak(manager, "npu1")
+    await speak(manager, "npu2")
+    assert_retired(manager, "npu1", pid_npu, "exclusive")
+
+    # manual
+    pid_plain, _ = await speak(manager, "plain")
+    await manager.unload("plain")
+    assert_retired(manager, "plain", pid_plain, "manual")
+
+    # unload all
+    pid_npu2 = slots["npu2"].pid
+    assert pid_npu2 is not None
+    await manager.unload_all()
+    assert_retired(manager, "npu2", pid_npu2, "unload_all")
+
+    # keep_alive 0
+    pid, _ = await speak(manager, "plain", keep_alive_s=0)
+    await wait_for(lambda: slots["plain"].state is State.UNLOADED, 3, "keep_alive 0 unload")
+    assert_retired(manager, "plain", pid, "keep_alive_0")
+
+    # crash: SIGKILL while idle is noticed at once
+    pid, _ = await speak(manager, "crashy")
+    os.kill(pid, signal.SIGKILL)
+    await wait_for(lambda: slots["crashy"].state is State.UNLOADED, 3, "crash detection")
+    assert_retired(manager, "crashy", pid, "crash")
+    assert slots["crashy"].restarts == 1
+    new_pid, _ = await speak(manager, "crashy")
+    assert new_pid != pid
+
+
+# ----------------------------------------------------------------------------- loads
+
+
+async def test_twenty_concurrent_cold_requests_cause_one_spawn(
+    make_manager: ManagerFactory,
+) -> None:
+    manager = await make_manager(server() + tts("a", options={"load_seconds": 0.5}))
+    results = await asyncio.gather(*(speak(manager, "a") for _ in range(20)))
+    assert manager.spawns == 1
+    assert len({pid for pid, _ in results}) == 1
+    assert all(audio.startswith(b"RIFF") for _, audio in results)
+
+
+async def test_crash_mid_request_is_a_502_and_the_next_request_reloads(
+    make_manager: ManagerFactory,
+) -> None:
+    manager = await make_manager(
+        server() + tts("a", options={"latency_ms": 3000, "chunks": 2})
+    )
+    await manager.load("a")
+    pid = manager.slots["a"].pid
+    assert pid is not None
+    request = asyncio.create_task(speak(manager, "a"))
+    await wait_for(lambda: manager.slots["a"].in_flight == 1, 2, "the request to start")
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(WorkerFailed) as caught:
+        await request
+    assert caught.value.status == 502 and "'a'" in caught.value.message
+    await wait_for(lambda: manager.slots["a"].state is State.UNLOADED, 3, "crash handling")
+    assert manager.slots["a"].in_flight == 0
+    manager.slots["a"].recipe  # still configured
+    new_pid, _ = await asyncio.wait_for(
+        speak(manager, "a"), 10
+    )
+    assert new_pid != pid
+
+
+async def test_busy_victim_is_drained_not_cut_off(make_manager: ManagerFactory) -> None:
+    manager = await make_manager(
+        server(max_loaded_models=1)
+        + tts("slow", options={"latency_ms": 1200, "chunks": 3}) + tts("b")
+    )
+    await manager.load("slow")
+    request = asyncio.create_task(speak(manager, "slow"))
+    await wait_for(lambda: manager.slots["slow"].in_flight == 1, 2, "the request to start")
+    await speak(manager, "b")  # needs slow's place: waits for the drain
+    _, audio = await request
+    assert audio.startswith(b"RIFF"), "the drained request was cut off"
+    assert manager.slots["slow"].last_eviction == {
+        "reason": "lru", "at": manager.slots["slow"].last_eviction["at"]}
+
+
+async def test_load_failure_evicts_idle_models_retries_once_then_cools_down(
+    make_manager: ManagerFactory,
+) -> None:
+    manager = await make_manager(
+        server(load_failure_cooldown="1s", load_failure_cooldown_max="4s")
+        + tts("ok") + tts("broken", options={"fail_load": "weights are corrupt"})
+    )
+    await manager.load("ok")
+    spawns = manager.spawns
+    with pytest.raises(ServiceUnavailable) as caught:
+        await speak(manager, "broken")
+    assert "weights are corrupt" in caught.value.message
+    assert caught.value.retry_after_header() == "1"
+    assert manager.spawns == spawns + 2, "expected exactly one retry"
+    assert manager.slots["ok"].last_eviction["reason"] == "load_failure_evict_all"
+    assert manager.slots["broken"].state is State.FAILED
+    with pytest.raises(ServiceUnavailable, match="next attempt allowed"):
+        await speak(manager, "broken")
+    assert manager.spawns == spawns + 2, "a request during the cooldown spawned a worker"
+    await asyncio.sleep(1.1)
+    with pytest.raises(ServiceUnavailable) as caught:
+        await speak(manager, "broken")
+    assert caught.value.retry_after_header() == "2", "the cooldown should double"
+
+
+async def test_bad_config_fails_without_evicting_others(make_manager: ManagerFactory) -> None:
+    manager = await make_manager(
+        server() + tts("ok") + tts("typo", options={"latency_ms": "fast"})
+    )
+    await manager.load("ok")
+    with pytest.raises(ServiceUnavailable, match="latency_ms"):
+        await manager.load("typo")
+    assert manager.slots["ok"].state is State.READY
+
+
+async def test_preload_and_pinned_models(make_manager: ManagerFactory) -> None:
+    manager = await make_manager(
+        server(max_loaded_models=1) + tts("pinned", preload=True, pinned=True) + tts("b")
+    )
+    await wait_for(lambda: manager.slots["pinned"].state is State.READY, 5, "preload")
+    with pytest.raises(Conflict, match="'pinned'"):
+        await speak(manager, "b")
+    assert manager.slots["b"].state is State.UNLOADED
+    assert manager.slots["pinned"].state is State.READY
+
+
+async def test_memory_budget_respects_priorities(make_manager: ManagerFactory) -> None:
+    manager = await make_manager(
+        server(memory_budget="100MiB")
+        + tts("asr_like", priority=2, memory="60MiB")
+        + tts("tts_low", priority=1, memory="60MiB")
+    )
+    await manager.load("asr_like")
+    manager.slots["asr_like"].measured_cost_bytes = 60 * MiB
+    with pytest.raises(Conflict) as caught:
+        await manager.load("tts_low")
+    assert "'asr_like'" in caught.value.message and "priority" in caught.value.message
+    assert manager.slots["asr_like"].state is State.READY
+
+
+async def test_concurrent_loads_share_the_budget(make_manager: ManagerFactory) -> None:
+    """Two cold requests for different models cannot both fit into the same room: the second
+    load counts the first one's reservation, so the two are never resident together."""
+    manager = await make_manager(
+        server(memory_budget="120MiB", max_parallel_loads=2)
+        + tts("a", memory="70MiB", options={"load_seconds": 0.3, "memory_mb": 64})
+        + tts("b", memory="70MiB", options={"load_seconds": 0.3, "memory_mb": 64})
+    )
+    resident: set[str] = set()
+    most_at_once = 0
+
+    def track(event: dict[str, Any]) -> None:
+        nonlocal most_at_once
+        if event["event"] == "spawned":
+            resident.add(event["model"])
+        elif event["event"] == "unloaded":
+            resident.discard(event["model"])
+        most_at_once = max(most_at_once, len(resident))
+
+    manager.events.listen(track)
+    results = await asyncio.gather(speak(manager, "a"), speak(manager, "b"))
+    assert all(audio.startswith(b"RIFF") for _, audio in results)
+    assert most_at_once == 1, "two 70 MiB models were resident at once in a 120 MiB budget"
