@@ -1,0 +1,70 @@
+"""``python -m workers``: the command line the supervisor starts one worker process with.
+
+Kept apart from :mod:`workers.runtime` so that importing the runtime (in tests, or to embed
+it) has no side effects: argument parsing and logging set-up happen only here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from workers import runtime
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m workers",
+        description="Lemonade worker: serves one model to the supervisor over a Unix socket.",
+    )
+    parser.add_argument("--socket", required=True, help="Unix socket the supervisor listens on")
+    parser.add_argument("--kind", required=True, help="worker kind (see workers.registry)")
+    parser.add_argument(
+        "--parent-pid", required=True, type=int, help="pid of the supervisor that started us"
+    )
+    parser.add_argument(
+        "--max-threads",
+        type=_positive_int,
+        default=runtime.DEFAULT_MAX_THREADS,
+        help="threads for model calls (default %(default)s)",
+    )
+    return parser.parse_args(argv)
+
+
+def _setup_logging() -> None:
+    # Plain lines on stderr: the supervisor forwards them with a [model] prefix and a time.
+    name = os.environ.get("LEMONADE_LOG_LEVEL", "info").strip().upper()
+    level = logging.getLevelName(name)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(level if isinstance(level, int) else logging.INFO)
+    if not isinstance(level, int):
+        logging.getLogger(__name__).warning(
+            "unknown LEMONADE_LOG_LEVEL %r; using INFO", os.environ.get("LEMONADE_LOG_LEVEL")
+        )
+
+
+def cli(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    _setup_logging()
+    return runtime.main(
+        socket_path=args.socket,
+        kind=args.kind,
+        parent_pid=args.parent_pid,
+        max_threads=args.max_threads,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

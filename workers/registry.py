@@ -1,0 +1,67 @@
+"""Worker kind name -> the class that implements it.
+
+A recipe names a kind (``recipe = "synthetic"``); the worker process has to turn that name
+into a :class:`workers.base.Model` subclass. Kinds that ship with the project are listed in
+:data:`BUILTIN`; third-party packages add theirs through the ``lemonade.workers`` entry-point
+group. Only the one kind a worker needs is imported, and only when asked for, so listing the
+kinds never pulls in torch or any other heavy model library.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from importlib.metadata import entry_points
+from types import MappingProxyType
+
+from workers.base import Model
+
+ENTRY_POINT_GROUP = "lemonade.workers"
+
+#: Kinds that ship with the project: name -> ``"module:attribute"``.
+BUILTIN: Mapping[str, str] = MappingProxyType({"synthetic": "workers.synthetic:SyntheticModel"})
+
+
+class UnknownKindError(KeyError):
+    """No builtin kind and no installed plugin has this name."""
+
+    def __init__(self, kind: str, known: list[str]) -> None:
+        super().__init__(kind)
+        self.kind = kind
+        self.known = known
+
+    def __str__(self) -> str:
+        # KeyError's own __str__ would print the repr of the key only.
+        known = ", ".join(self.known) or "(none)"
+        return f"unknown worker kind {self.kind!r}; known: {known}"
+
+
+def available() -> dict[str, str]:
+    """All kind names and their ``"module:attribute"`` targets; builtins win on a clash."""
+    found: dict[str, str] = {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    found.update(BUILTIN)
+    return dict(sorted(found.items()))
+
+
+def resolve(kind: str) -> type[Model]:
+    """Import and return the class for ``kind``.
+
+    Raises :class:`UnknownKindError` (a ``KeyError``) naming the known kinds when nothing has
+    this name, ``ImportError`` when the kind's module cannot be imported, and ``TypeError``
+    when the target is not a :class:`Model` subclass.
+    """
+    kinds = available()
+    target = kinds.get(kind)
+    if target is None:
+        raise UnknownKindError(kind, list(kinds))
+    module_name, _, attribute = target.partition(":")
+    # Entry-point values may carry extras ("pkg.mod:Cls [gpu]"); they do not matter here.
+    attribute = attribute.split("[", 1)[0].strip()
+    if not module_name.strip() or not attribute:
+        raise ImportError(f"worker kind {kind!r} has a malformed target {target!r}")
+    obj: object = importlib.import_module(module_name.strip())
+    for part in attribute.split("."):
+        obj = getattr(obj, part)
+    if not isinstance(obj, type) or not issubclass(obj, Model):
+        raise TypeError(f"worker kind {kind!r} points at {target!r}, which is not a Model class")
+    return obj

@@ -1,0 +1,444 @@
+"""The worker process's main loop: connect, say hello, load one model, serve its calls.
+
+A worker is a disposable process that holds exactly one model; the supervisor unloads the
+model by ending the process, which is the only way to hand all of its memory (CUDA context
+included) back. This module is everything in that process except the model itself:
+
+* orphan defence (``PR_SET_PDEATHSIG``, a parent-pid check, exit on socket EOF), so a worker
+  never outlives the supervisor that started it;
+* the protocol loop: one reader that decodes frames from the supervisor, one lock-protected
+  writer so frames never interleave;
+* threads for model code: ``load`` and every ``call`` run in a thread pool so the loop keeps
+  answering pings and cancels while the model is busy (or stuck in native code);
+* translation of model outcomes into exactly one terminal frame per request.
+
+The process ends with :func:`os._exit`: model threads may be stuck in native code, and a
+normal interpreter exit would wait for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import logging
+import os
+import resource
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, NoReturn, TypeVar
+
+import psutil
+
+from workers import registry
+from workers.base import (
+    CallContext,
+    Cancelled,
+    LoadContext,
+    LoadRequest,
+    LoadResult,
+    Model,
+    ModelError,
+)
+from workers.protocol import (
+    FROM_SUPERVISOR,
+    FROM_WORKER,
+    MAX_ERROR_MESSAGE_CHARS,
+    MAX_SUPERVISOR_FRAME_BYTES,
+    MAX_WORKER_FRAME_BYTES,
+    PROTOCOL_VERSION,
+    Call,
+    Cancel,
+    Chunk,
+    End,
+    Error,
+    ErrorCode,
+    Hello,
+    Load,
+    Loaded,
+    Message,
+    Ping,
+    Pong,
+    Progress,
+    ProtocolError,
+    Shutdown,
+    decode_body,
+    encode,
+    read_message,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_THREADS = 32
+
+#: Exit statuses the supervisor can tell apart in its log.
+EXIT_OK = 0
+EXIT_ORPHANED = 1
+EXIT_PROTOCOL = 3
+
+_PR_SET_PDEATHSIG = 1
+_HEADER_BYTES = 4
+_MAX_COUNTER = 2**63 - 1  # the largest integer a memory field may carry
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------- process setup
+
+
+def _set_parent_death_signal() -> None:
+    """Ask Linux to SIGKILL this process when the thread that spawned it dies."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+            log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+    except OSError as e:
+        log.warning("prctl(PR_SET_PDEATHSIG) unavailable: %s", e)
+
+
+def _harden_process() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub call must fail fast, not hang
+    try:
+        _, hard = resource.getrlimit(resource.RLIMIT_CORE)
+        resource.setrlimit(resource.RLIMIT_CORE, (0, hard))  # no multi-GB core dumps
+    except (OSError, ValueError) as e:
+        log.warning("could not disable core dumps: %s", e)
+
+
+def _flush_logs() -> None:
+    for handler in logging.getLogger().handlers:
+        with contextlib.suppress(Exception):
+            handler.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+
+
+def _exit_now(code: int) -> NoReturn:
+    """End the process at once, without waiting for model threads (they may never return)."""
+    _flush_logs()
+    os._exit(code)
+
+
+def _rss_bytes() -> int:
+    try:
+        return int(psutil.Process().memory_info().rss)
+    except psutil.Error:
+        return 0
+
+
+def _error(request_id: int, code: object, message: object) -> Error:
+    """An ``error`` frame the supervisor will accept, whatever the model put in it."""
+    text = str(message)
+    if not isinstance(code, str) or code not in ErrorCode.ALL:
+        text = f"(model used unknown error code {code!r:.40}) {text}"
+        code = ErrorCode.INTERNAL
+    return Error(id=request_id, code=code, message=text[:MAX_ERROR_MESSAGE_CHARS])
+
+
+def _checked_frame(message: Message) -> bytes:
+    """Encode a frame and check it as the supervisor will, so a model bug cannot make the
+    worker send something that gets it killed; raises ``ValueError`` instead."""
+    try:
+        frame = encode(message)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ValueError(f"cannot encode {message.T} frame: {type(e).__name__}: {e}") from None
+    if len(frame) - _HEADER_BYTES > MAX_WORKER_FRAME_BYTES:
+        raise ValueError(
+            f"{message.T} frame of {len(frame)} bytes exceeds {MAX_WORKER_FRAME_BYTES} bytes"
+        )
+    data = message.data if isinstance(message, Chunk) else None
+    if not isinstance(data, bytes | str):
+        # Maps and numbers are small; bytes and strings cannot break the schema.
+        try:
+            decode_body(frame[_HEADER_BYTES:], FROM_WORKER)
+        except ProtocolError as e:
+            raise ValueError(f"{message.T} frame would break the protocol: {e}") from None
+    return frame
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class _CallState:
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    #: Held from numbering a chunk until it is written, so seq order is wire order even if
+    #: a model emits from several threads.
+    emitting: threading.Lock = field(default_factory=threading.Lock)
+    seq: int = 0
+    finished: bool = False
+
+
+class WorkerRuntime:
+    """One connection to the supervisor and the one model behind it."""
+
+    def __init__(
+        self,
+        kind: str,
+        model_class: type[Model] | None,
+        kind_error: str | None,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        max_threads: int,
+    ) -> None:
+        self.kind = kind
+        self._model_class = model_class
+        self._kind_error = kind_error
+        self._reader = reader
+        self._writer = writer
+        self._write_lock = asyncio.Lock()
+        self._loop = asyncio.get_running_loop()
+        self._pool = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="model")
+        self._model: Model | None = None
+        self._load_seen = False
+        self._calls: dict[int, _CallState] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------- writing
+
+    async def _write(self, frame: bytes) -> None:
+        async with self._write_lock:
+            try:
+                self._writer.write(frame)
+                await self._writer.drain()
+            except (ConnectionError, OSError) as e:
+                # The supervisor is gone: nobody is left to serve.
+                log.info("connection to supervisor lost while writing (%s); exiting", e)
+                _exit_now(EXIT_OK)
+
+    async def send(self, message: Message) -> None:
+        await self._write(encode(message))
+
+    def _send_from_thread(self, frame: bytes) -> None:
+        """Write a frame from a model thread, waiting until it is on its way (backpressure)."""
+        asyncio.run_coroutine_threadsafe(self._write(frame), self._loop).result()
+
+    # ------------------------------------------------------------- reading
+
+    async def serve(self) -> NoReturn:
+        await self.send(Hello(v=PROTOCOL_VERSION, pid=os.getpid(), kind=self.kind))
+        while True:
+            try:
+                message = await read_message(
+                    self._reader, FROM_SUPERVISOR, max_frame=MAX_SUPERVISOR_FRAME_BYTES
+                )
+            except ProtocolError as e:
+                self._protocol_error(str(e))
+            except (ConnectionError, OSError) as e:
+                log.info("connection to supervisor lost (%s); exiting", e)
+                _exit_now(EXIT_OK)
+            if message is None:
+                log.info("supervisor closed the connection; exiting")
+                _exit_now(EXIT_OK)
+            self._dispatch(message)
+
+    def _protocol_error(self, reason: str) -> NoReturn:
+        log.error("protocol error from supervisor: %s; exiting", reason)
+        _exit_now(EXIT_PROTOCOL)
+
+    def _dispatch(self, message: Message) -> None:
+        if isinstance(message, Ping):
+            self._spawn(self.send(Pong(id=message.id, memory=self._memory())))
+        elif isinstance(message, Call):
+            self._start_call(message)
+        elif isinstance(message, Cancel):
+            state = self._calls.get(message.id)
+            if state is not None:  # an unknown id is a race with the end, not an error
+                state.cancelled.set()
+        elif isinstance(message, Load):
+            if self._load_seen:
+                self._protocol_error(f"second load (id {message.id})")
+            self._load_seen = True
+            self._spawn(self._load(message))
+        elif isinstance(message, Shutdown):
+            log.info("shutdown requested; exiting")
+            with contextlib.suppress(Exception):
+                self._writer.close()
+            _exit_now(EXIT_OK)
+        else:  # pragma: no cover - FROM_SUPERVISOR admits nothing else
+            self._protocol_error(f"unexpected {message.T}")
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)  # strong reference until done
+        task.add_done_callback(self._tasks.discard)
+
+    def _memory(self) -> dict[str, int]:
+        vram = 0
+        if self._model is not None:
+            try:
+                vram = min(max(0, int(self._model.vram_bytes())), _MAX_COUNTER)
+            except Exception:
+                log.exception("vram_bytes() failed")
+        return {"rss": min(_rss_bytes(), _MAX_COUNTER), "vram": vram}
+
+    async def _in_thread(self, fn: Callable[[], T]) -> T:
+        def contained() -> T:
+            # sys.exit() or a stray KeyboardInterrupt in model code must not unwind the
+            # event loop: it becomes an ordinary failure of this one request.
+            try:
+                return fn()
+            except (SystemExit, KeyboardInterrupt) as e:
+                raise RuntimeError(f"model code raised {type(e).__name__}") from e
+
+        return await self._loop.run_in_executor(self._pool, contained)
+
+    # ------------------------------------------------------------- load
+
+    async def _load(self, message: Load) -> None:
+        if self._model_class is None:
+            await self.send(_error(message.id, ErrorCode.BAD_CONFIG, self._kind_error or ""))
+            return
+        model_class = self._model_class
+
+        def report(fraction: float | None, text: str) -> None:
+            if fraction is not None:
+                fraction = min(1.0, max(0.0, float(fraction))) if fraction == fraction else None
+            progress = Progress(
+                id=message.id, fraction=fraction, message=str(text)[:MAX_ERROR_MESSAGE_CHARS]
+            )
+            self._send_from_thread(encode(progress))
+
+        request = LoadRequest(
+            name=message.name, type=message.type, device=message.device, options=message.options
+        )
+
+        def run() -> tuple[Model, LoadResult]:
+            model = model_class()
+            return model, model.load(request, LoadContext(report))
+
+        try:
+            model, result = await self._in_thread(run)
+        except ModelError as e:
+            log.warning("load of %s failed: %s: %s", message.name, e.code, e.message)
+            await self.send(_error(message.id, e.code, e.message))
+            return
+        except MemoryError as e:
+            log.error("load of %s ran out of memory", message.name)
+            await self.send(_error(message.id, ErrorCode.OUT_OF_MEMORY, f"out of memory: {e}"))
+            return
+        except Exception as e:
+            log.error("load of %s failed:\n%s", message.name, traceback.format_exc())
+            await self.send(_error(message.id, ErrorCode.LOAD_FAILED, f"{type(e).__name__}: {e}"))
+            return
+        self._model = model
+        loaded = Loaded(
+            id=message.id,
+            device=str(result.device),
+            memory=self._memory(),
+            info=dict(result.info),
+        )
+        try:
+            frame = _checked_frame(loaded)
+        except ValueError as e:
+            self._model = None
+            await self.send(_error(message.id, ErrorCode.INTERNAL, f"bad load result: {e}"))
+            return
+        log.info("model %s loaded on %s", message.name, loaded.device)
+        await self._write(frame)
+
+    # ------------------------------------------------------------- calls
+
+    def _start_call(self, message: Call) -> None:
+        if self._model is None:
+            self._protocol_error(f"call {message.id} before a successful load")
+        if message.id in self._calls:
+            self._protocol_error(f"call id {message.id} is already in flight")
+        state = _CallState()
+        self._calls[message.id] = state
+        self._spawn(self._run_call(message, self._model, state))
+
+    async def _run_call(self, message: Call, model: Model, state: _CallState) -> None:
+        def emit(data: Any) -> None:
+            with state.emitting:
+                if state.finished:
+                    raise RuntimeError(f"emit after call {message.id} finished")
+                frame = _checked_frame(Chunk(id=message.id, seq=state.seq, data=data))
+                state.seq += 1
+                self._send_from_thread(frame)
+
+        def run() -> Any:
+            try:
+                return model.call(message.op, message.args, CallContext(emit, state.cancelled))
+            finally:
+                with state.emitting:
+                    state.finished = True
+
+        reply: Message
+        try:
+            result = await self._in_thread(run)
+            reply = End(id=message.id, result=result)
+        except ModelError as e:
+            reply = _error(message.id, e.code, e.message)
+        except Cancelled:
+            reply = _error(message.id, ErrorCode.CANCELLED, "cancelled")
+        except MemoryError as e:
+            reply = _error(message.id, ErrorCode.OUT_OF_MEMORY, f"out of memory: {e}")
+        except Exception as e:
+            log.error("call %d (%s) failed:\n%s", message.id, message.op, traceback.format_exc())
+            reply = _error(message.id, ErrorCode.INTERNAL, f"{type(e).__name__}: {e}")
+        try:
+            frame = _checked_frame(reply)
+        except ValueError as e:
+            log.error("call %d (%s) returned a bad result: %s", message.id, message.op, e)
+            frame = encode(_error(message.id, ErrorCode.INTERNAL, f"bad call result: {e}"))
+        try:
+            await self._write(frame)
+        finally:
+            del self._calls[message.id]
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+async def _serve(socket_path: str, kind: str, max_threads: int) -> NoReturn:
+    model_class: type[Model] | None = None
+    kind_error: str | None = None
+    try:
+        model_class = registry.resolve(kind)
+    except KeyError as e:
+        kind_error = str(e)
+    except Exception as e:
+        log.error("worker kind %r cannot be used:\n%s", kind, traceback.format_exc())
+        kind_error = f"worker kind {kind!r} cannot be used: {type(e).__name__}: {e}"
+    if kind_error is not None:
+        log.error("%s", kind_error)
+    try:
+        reader, writer = await asyncio.open_unix_connection(socket_path)
+    except OSError as e:
+        log.error("cannot connect to supervisor at %s: %s", socket_path, e)
+        _exit_now(EXIT_ORPHANED)
+    runtime = WorkerRuntime(kind, model_class, kind_error, reader, writer, max_threads)
+    await runtime.serve()
+
+
+def main(
+    socket_path: str,
+    kind: str,
+    parent_pid: int,
+    max_threads: int = DEFAULT_MAX_THREADS,
+) -> int:
+    """Run the worker; normally ends the process itself (see the module docstring).
+
+    Returns an exit status only when the worker cannot start: its parent is already gone.
+    """
+    _set_parent_death_signal()
+    if os.getppid() != parent_pid:
+        # The parent died before PR_SET_PDEATHSIG was armed: nobody is waiting for us.
+        log.error("parent %d is gone (ppid is %d); exiting", parent_pid, os.getppid())
+        return EXIT_ORPHANED
+    _harden_process()
+    asyncio.run(_serve(socket_path, kind, max_threads))
+    return EXIT_OK  # pragma: no cover - _serve never returns
+
+
+__all__ = ["DEFAULT_MAX_THREADS", "WorkerRuntime", "main"]
