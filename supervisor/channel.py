@@ -108,7 +108,9 @@ class Channel:
     async def _read_loop(self) -> None:
         try:
             while True:
-                msg = await read_message(self._reader, _AFTER_HELLO, max_frame=MAX_WORKER_FRAME_BYTES)
+                msg = await read_message(
+                    self._reader, _AFTER_HELLO, max_frame=MAX_WORKER_FRAME_BYTES
+                )
                 if msg is None:
                     self._close("the worker closed its connection")
                     return

@@ -38,7 +38,8 @@ def main() -> None:
 @main.command()
 @click.option("--host", help="Address to bind. [env LEMONADE_HOST; default 127.0.0.1]")
 @click.option("--port", help="Port to bind; 0 picks a free one. [env LEMONADE_PORT; default 8000]")
-@click.option("--config", "config", help="Config file. [env LEMONADE_CONFIG; default ./lemonade.toml]")
+@click.option("--config", "config",
+              help="Config file. [env LEMONADE_CONFIG; default ./lemonade.toml]")
 @click.option("--recipes", multiple=True,
               help="Extra recipe file with [models.*] tables; repeatable. [env LEMONADE_RECIPES]")
 @click.option("--auto-unload-timer",
@@ -47,10 +48,12 @@ def main() -> None:
 @click.option("--max-loaded-models",
               help="Most models resident at once; -1 = unlimited. [env LEMONADE_MAX_LOADED_MODELS]")
 @click.option("--memory-budget",
-              help='Memory all models may use: "12GiB", "auto" or "none". [env LEMONADE_MEMORY_BUDGET]')
+              help='Memory all models may use: "12GiB", "auto" or "none". '
+                   "[env LEMONADE_MEMORY_BUDGET]")
 @click.option("--preload", multiple=True,
               help="Model to load at start; repeatable. [env LEMONADE_PRELOAD, comma-separated]")
-@click.option("--default-model", help="Model for the seed-compatible routes. [env LEMONADE_DEFAULT_MODEL]")
+@click.option("--default-model",
+              help="Model for the seed-compatible routes. [env LEMONADE_DEFAULT_MODEL]")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               help="[env LEMONADE_LOG_LEVEL; default info]")
 def serve(**options: Any) -> None:

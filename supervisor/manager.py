@@ -19,9 +19,7 @@ import contextlib
 import functools
 import logging
 import math
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
@@ -35,7 +33,6 @@ from supervisor.channel import Channel
 from supervisor.config import Recipe, Settings, effective_preload
 from supervisor.errors import (
     Conflict,
-    GatewayTimeout,
     LemonadeError,
     ModelNotFound,
     ServiceUnavailable,
@@ -44,12 +41,11 @@ from supervisor.errors import (
 from supervisor.events import EventBus
 from supervisor.lifecycle import IdleTimer, Slot, State
 from supervisor.process import WorkerProcess
-from workers.protocol import ErrorCode
+from supervisor.rundir import create_runtime_dir
+from workers.protocol import ErrorCode, Progress
 
 log = logging.getLogger(__name__)
 
-RUNTIME_DIR_PREFIX = "lemonade-"
-_OWNER_FILE = "owner"
 _HEARTBEAT_TIMEOUT_MIN_S = 30.0
 
 
@@ -91,11 +87,7 @@ class Manager:
     # ================================================================ start / stop
 
     async def start(self) -> None:
-        base = Path(self._runtime_base or os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir())
-        sweep_stale_runtime_dirs(base)
-        self.runtime_dir = Path(tempfile.mkdtemp(prefix=RUNTIME_DIR_PREFIX, dir=base))
-        os.chmod(self.runtime_dir, 0o700)
-        (self.runtime_dir / _OWNER_FILE).write_text(f"{os.getpid()} {_create_time(os.getpid())}\n")
+        self.runtime_dir = create_runtime_dir(self._runtime_base)
         self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
         for name in effective_preload(self.settings):
             self._spawn_task(self._preload(name), f"preload-{name}")
@@ -382,7 +374,15 @@ class Manager:
         self.events.publish("loading", slot.name)
         try:
             async with self._load_slots:
-                await self._admit(slot, deadline=started + self.settings.load_timeout_s)
+                try:
+                    await self._admit(slot, deadline=started + self.settings.load_timeout_s)
+                except LemonadeError as e:
+                    # No room (409/503): not the model's fault, so no failure and no cooldown.
+                    self._forget_process(slot)
+                    slot.transition(State.UNLOADED)
+                    self.events.publish("load_refused", slot.name, error=e.message)
+                    future.set_exception(e)
+                    return
                 try:
                     await self._spawn_and_load(slot)
                 except LemonadeError as e:
@@ -400,10 +400,7 @@ class Manager:
             raise
         except LemonadeError as e:
             self._forget_process(slot)
-            if getattr(e, "refusal", False):
-                slot.transition(State.UNLOADED)  # no room: not the model's fault
-            else:
-                self._record_failure(slot, e)
+            self._record_failure(slot, e)
             self.events.publish("load_failed", slot.name, error=e.message, status=e.status)
             future.set_exception(e)
             return
@@ -454,11 +451,9 @@ class Manager:
                         await self._wait_settled(outcome.wait_for, deadline)
                         continue
                     error_cls = Conflict if outcome.status == 409 else ServiceUnavailable
-                    err = error_cls(outcome.message, code="no_room",
+                    raise error_cls(outcome.message, code="no_room",
                                     retry_after_s=outcome.retry_after_s or
                                     (None if outcome.status == 409 else 5))
-                    err.refusal = True  # type: ignore[attr-defined]
-                    raise err
                 if not outcome.evictions:
                     slot.admitted = True
                     slot.reserved_bytes = target.cost_bytes
@@ -470,11 +465,8 @@ class Manager:
                     *(self.retire(v, r) for v, r in victims), return_exceptions=True
                 )
                 for result in results:
-                    if isinstance(result, LemonadeError):
-                        result.refusal = True  # type: ignore[attr-defined]
-                        raise result
                     if isinstance(result, BaseException):
-                        raise result
+                        raise result  # e.g. a busy victim that did not drain in time
 
     async def _wait_settled(self, names: Iterable[str], deadline: float) -> None:
         waits: list[asyncio.Future[Any]] = []
@@ -543,6 +535,11 @@ class Manager:
         )
         channel = Channel(recipe.name, worker.reader, worker.writer,
                           on_broken=lambda reason: worker.kill())
+
+        def report_progress(progress: Progress) -> None:
+            self.events.publish("progress", recipe.name,
+                                fraction=progress.fraction, message=progress.message)
+
         slot.worker, slot.channel = worker, channel
         log.info("worker %d for %s started (kind %s)", worker.pid, recipe.name, recipe.kind)
         self.events.publish("spawned", recipe.name, pid=worker.pid)
@@ -551,8 +548,7 @@ class Manager:
                 name=recipe.name, type=recipe.type, device=recipe.device,
                 options=dict(recipe.options),
                 timeout_s=max(0.1, deadline - loop.time()),
-                on_progress=lambda p: self.events.publish(
-                    "progress", recipe.name, fraction=p.fraction, message=p.message),
+                on_progress=report_progress,
             )
             if recipe.warmup:
                 await self._warmup(slot, channel, deadline)
@@ -603,13 +599,13 @@ class Manager:
                 if slot.state is State.READY and slot.channel is not None:
                     self._spawn_task(self._ping(slot, timeout), f"ping-{slot.name}")
 
-    async def _ping(self, slot: Slot, timeout: float) -> None:
+    async def _ping(self, slot: Slot, limit_s: float) -> None:
         worker, channel = slot.worker, slot.channel
         try:
-            pong = await channel.ping(timeout)
+            pong = await channel.ping(limit_s)
         except TimeoutError:
             log.error("worker %d for %s did not answer a ping within %gs; killing it",
-                      worker.pid, slot.name, timeout)
+                      worker.pid, slot.name, limit_s)
             worker.kill()
             return
         except LemonadeError:
@@ -624,46 +620,6 @@ class Manager:
         for slot in self.slots.values():
             if slot.worker is not None and slot.state in (State.READY, State.STOPPING):
                 slot.rss_bytes = slot.worker.rss_bytes()
-
-    def status(self) -> list[dict[str, Any]]:
-        self.refresh_memory()
-        now = asyncio.get_running_loop().time()
-        out = []
-        for slot in self.slots.values():
-            timeout = self.effective_idle_timeout(slot)
-            recipe = slot.recipe
-            out.append({
-                "name": slot.name,
-                "kind": recipe.kind,
-                "type": recipe.type,
-                "state": slot.state.value,
-                "pid": slot.pid,
-                "in_flight": slot.in_flight,
-                "waiting": slot.waiters,
-                "device": slot.device or recipe.device,
-                "idle_timeout_s": None if math.isinf(timeout.seconds) else timeout.seconds,
-                "idle_timeout_source": timeout.source,
-                "expires_at": _iso(slot.timer.expires_at) if slot.timer.armed else None,
-                "last_used": _iso(slot.last_used),
-                "loaded_at": _iso(slot.loaded_at) if slot.state is State.READY else None,
-                "load_seconds": slot.load_seconds,
-                "memory": {"rss_bytes": slot.rss_bytes, "vram_bytes": slot.vram_bytes},
-                "memory_estimate_bytes": slot.cost_bytes(),
-                "group": recipe.group,
-                "priority": recipe.priority,
-                "pinned": slot.pinned,
-                "last_eviction": None if slot.last_eviction is None else {
-                    "reason": slot.last_eviction["reason"],
-                    "at": _iso(slot.last_eviction["at"]),
-                },
-                "restarts": slot.restarts,
-                "failures": slot.failures,
-                "last_error": slot.last_error,
-                "retry_after_s": math.ceil(slot.cooldown_remaining(now))
-                if slot.state is State.FAILED else None,
-                "info": slot.info,
-            })
-        return out
 
 
 # ==================================================================== helpers
@@ -689,36 +645,3 @@ def _resolve_budget(budget: int | str | None) -> int | None:
     if budget is None or isinstance(budget, int):
         return budget
     raise ValueError(f"memory_budget must be bytes, 'auto' or None, got {budget!r}")
-
-
-def _iso(wall: float | None) -> str | None:
-    if wall is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(wall)) + f".{int(wall % 1 * 1000):03d}Z"
-
-
-def _create_time(pid: int) -> float:
-    try:
-        return float(psutil.Process(pid).create_time())
-    except psutil.Error:
-        return 0.0
-
-
-def sweep_stale_runtime_dirs(base: Path) -> list[Path]:
-    """Remove runtime dirs left by supervisors that died (their owner pid is gone)."""
-    removed = []
-    uid = os.getuid()
-    for path in base.glob(f"{RUNTIME_DIR_PREFIX}*"):
-        try:
-            if not path.is_dir() or path.is_symlink() or path.stat().st_uid != uid:
-                continue
-            owner = (path / _OWNER_FILE).read_text().split()
-            pid, created = int(owner[0]), float(owner[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if psutil.pid_exists(pid) and abs(_create_time(pid) - created) < 1.0:
-            continue  # a live supervisor owns it
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
-        log.info("removed stale runtime dir %s (owner %d is gone)", path, pid)
-    return removed

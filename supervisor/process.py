@@ -202,10 +202,10 @@ class WorkerProcess:
             return 0
         total = 0
         try:
-            total = self._ps.memory_info().rss
+            total = int(self._ps.memory_info().rss)
             for child in self._ps.children(recursive=True):
                 with contextlib.suppress(psutil.Error):
-                    total += child.memory_info().rss
+                    total += int(child.memory_info().rss)
         except psutil.Error:
             return 0
         return total

@@ -28,11 +28,11 @@ def process_gone(pid: int) -> bool:
         return True
 
 
-async def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> float:
+async def wait_for(predicate: Callable[[], bool], limit_s: float, what: str) -> float:
     """Poll until ``predicate()``; returns the seconds it took, fails with ``what``."""
     started = time.monotonic()
     while not predicate():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        if time.monotonic() - started > limit_s:
+            raise AssertionError(f"timed out after {limit_s}s waiting for {what}")
         await asyncio.sleep(0.02)
     return time.monotonic() - started

@@ -20,6 +20,7 @@ from supervisor import __version__
 from supervisor.api.body import read_body
 from supervisor.api.keys import MANAGER, METRICS, STARTED_AT
 from supervisor.lifecycle import State
+from supervisor.status import model_rows
 
 routes = web.RouteTableDef()
 
@@ -75,7 +76,7 @@ async def status(request: web.Request) -> web.Response:
             "memory_budget_bytes": manager.memory_budget_bytes,
             "spawns": manager.spawns,
         },
-        "models": manager.status(),
+        "models": model_rows(manager),
     })
 
 
@@ -157,7 +158,7 @@ async def ollama_ps(request: web.Request) -> web.Response:
     """Ollama's running-models list, so Ollama tooling can read what is resident."""
     manager = request.app[MANAGER]
     models: list[dict[str, Any]] = []
-    for row in manager.status():
+    for row in model_rows(manager):
         if row["state"] != State.READY.value:
             continue
         memory = row["memory"]

@@ -13,6 +13,7 @@ import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -76,7 +77,10 @@ def _digest(value: str) -> bytes:
     return hashlib.sha256(value.encode()).digest()
 
 
-def auth_middleware(api_key: str) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
+
+
+def auth_middleware(api_key: str) -> Middleware:
     expected = _digest(api_key)
 
     @web.middleware
@@ -94,7 +98,7 @@ def auth_middleware(api_key: str) -> Callable[[web.Request, Handler], Awaitable[
 
 
 def create_app(settings: Settings, *, runtime_base: str | None = None) -> web.Application:
-    middlewares = [errors_middleware]
+    middlewares: list[Any] = [errors_middleware]
     if settings.api_key:
         middlewares.append(auth_middleware(settings.api_key))
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=middlewares)
