@@ -42,7 +42,7 @@ from supervisor.events import EventBus
 from supervisor.lifecycle import IdleTimer, Slot, State
 from supervisor.process import WorkerProcess
 from supervisor.rundir import create_runtime_dir
-from workers.protocol import ErrorCode, Progress
+from workers.protocol import WARMUP_OP, ErrorCode, Progress
 
 log = logging.getLogger(__name__)
 
@@ -550,8 +550,7 @@ class Manager:
                 timeout_s=max(0.1, deadline - loop.time()),
                 on_progress=report_progress,
             )
-            if recipe.warmup:
-                await self._warmup(slot, channel, deadline)
+            warmup_s = await self._warmup(slot, channel, deadline) if recipe.warmup else None
         except BaseException as e:
             self._forget_process(slot)
             await asyncio.shield(worker.stop(0))
@@ -560,20 +559,26 @@ class Manager:
             raise
         slot.device = loaded.device
         slot.info = dict(loaded.info)
+        if warmup_s is not None:
+            slot.info["warmup_seconds"] = round(warmup_s, 4)
         slot.vram_bytes = loaded.memory.get("vram", 0)
         slot.rss_bytes = max(worker.rss_bytes(), loaded.memory.get("rss", 0))
         slot.measured_cost_bytes = slot.vram_bytes or slot.rss_bytes
         self._spawn_task(self._watch_exit(slot, worker), f"watch-{recipe.name}-{worker.pid}")
 
-    async def _warmup(self, slot: Slot, channel: Channel, deadline: float) -> None:
-        timeout = max(0.1, deadline - asyncio.get_running_loop().time())
+    async def _warmup(self, slot: Slot, channel: Channel, deadline: float) -> float | None:
+        """Run the kind's warmup call; returns its seconds, or None if the kind has none."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
-            async with channel.call("warmup", {}, timeout_s=timeout) as stream:
-                await stream.collect()
+            async with channel.call(WARMUP_OP, {}, timeout_s=max(0.1, deadline - started)) as call:
+                await call.collect()
         except LemonadeError as e:
             if e.worker_code != ErrorCode.UNSUPPORTED:
                 raise
             log.debug("kind %s has no warmup", slot.recipe.kind)
+            return None
+        return loop.time() - started
 
     # ================================================================ crash and hang detection
 

@@ -29,6 +29,10 @@ BUILTIN_KINDS: Mapping[str, str | None] = {"synthetic": "tts"}
 
 MODEL_TYPES: tuple[str, ...] = ("llm", "tts", "asr", "embedding")
 
+#: The call op the supervisor sends after a load when the recipe says ``warmup = true``.
+#: A kind without a warmup answers ``unsupported``, which the supervisor accepts.
+WARMUP_OP = "warmup"
+
 #: Frames from a worker carry audio and embeddings; frames to a worker carry requests.
 MAX_WORKER_FRAME_BYTES = 16 * 1024 * 1024
 MAX_SUPERVISOR_FRAME_BYTES = 4 * 1024 * 1024

@@ -41,7 +41,7 @@ from workers.base import (
     ModelError,
     invalid,
 )
-from workers.protocol import ErrorCode
+from workers.protocol import WARMUP_OP, ErrorCode
 
 VOICES: Mapping[str, float] = {"tone": 440.0, "low": 220.0, "high": 880.0}
 FORMATS: tuple[str, ...] = ("wav", "pcm")
@@ -234,6 +234,10 @@ class SyntheticModel(Model):
         )
 
     def call(self, op: str, args: Mapping[str, Any], ctx: CallContext) -> Any:
+        if op == WARMUP_OP:
+            # Exercise the synthesis path once so the first real request pays no first-use cost.
+            tone_pcm(440.0, self.config.sample_rate, speech_samples("warmup", 1.0, 8000))
+            return {"warmed_up": True}
         if op != "speech":
             raise ModelError(ErrorCode.UNSUPPORTED, "synthetic tts model supports op 'speech' only")
         config = self.config

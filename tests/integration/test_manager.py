@@ -359,3 +359,19 @@ async def test_concurrent_loads_share_the_budget(make_manager: ManagerFactory) -
     results = await asyncio.gather(speak(manager, "a"), speak(manager, "b"))
     assert all(audio.startswith(b"RIFF") for _, audio in results)
     assert most_at_once == 1, "two 70 MiB models were resident at once in a 120 MiB budget"
+
+
+async def test_warmup_runs_after_load_when_the_recipe_asks(make_manager: ManagerFactory) -> None:
+    manager = await make_manager(server() + tts("warm", warmup=True) + tts("cold"))
+    await manager.load("warm")
+    await manager.load("cold")
+    assert "warmup_seconds" in manager.slots["warm"].info
+    assert "warmup_seconds" not in manager.slots["cold"].info
+
+
+async def test_heartbeat_refreshes_measured_memory(make_manager: ManagerFactory) -> None:
+    manager = await make_manager(server(heartbeat_interval="0.2s") + tts("a"))
+    await manager.load("a")
+    slot = manager.slots["a"]
+    slot.rss_bytes = 0  # forget the reading taken at load
+    await wait_for(lambda: slot.rss_bytes > 10 * MiB, 3, "a heartbeat to measure the worker")
