@@ -532,6 +532,7 @@ class Manager:
         worker = await WorkerProcess.spawn(
             model=recipe.name, kind=recipe.kind, runtime_dir=self.runtime_dir,
             seq=slot.spawn_seq, handshake_timeout_s=self.settings.load_timeout_s,
+            max_concurrency=recipe.max_concurrency,
         )
         channel = Channel(recipe.name, worker.reader, worker.writer,
                           on_broken=lambda reason: worker.kill())

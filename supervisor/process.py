@@ -104,6 +104,7 @@ class WorkerProcess:
         runtime_dir: Path,
         seq: int,
         handshake_timeout_s: float,
+        max_concurrency: int = 1,
         env: dict[str, str] | None = None,
     ) -> WorkerProcess:
         path = runtime_dir / f"{model}.{seq}.sock"
@@ -126,6 +127,7 @@ class WorkerProcess:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "workers",
                 "--socket", os.fspath(path), "--kind", kind, "--parent-pid", str(os.getpid()),
+                "--max-threads", str(max_concurrency),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,

@@ -368,6 +368,8 @@ class WorkerRuntime:
 
         def run() -> Any:
             try:
+                if state.cancelled.is_set():  # cancelled while queued for a thread
+                    raise Cancelled()
                 return model.call(message.op, message.args, CallContext(emit, state.cancelled))
             finally:
                 with state.emitting:

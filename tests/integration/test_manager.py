@@ -375,3 +375,30 @@ async def test_heartbeat_refreshes_measured_memory(make_manager: ManagerFactory)
     slot = manager.slots["a"]
     slot.rss_bytes = 0  # forget the reading taken at load
     await wait_for(lambda: slot.rss_bytes > 10 * MiB, 3, "a heartbeat to measure the worker")
+
+
+@pytest.mark.parametrize("concurrency", [1, 2])
+async def test_max_concurrency_bounds_calls_running_in_a_worker(
+    make_manager: ManagerFactory, concurrency: int
+) -> None:
+    manager = await make_manager(
+        server() + tts("a", max_concurrency=concurrency,
+                       options={"latency_ms": 600, "chunks": 2})
+    )
+    await manager.load("a")
+    marks: dict[str, float] = {}
+
+    async def timed(label: str) -> None:
+        async with manager.use("a") as lease:
+            async with lease.channel.call("speech", {"input": "hi"}, timeout_s=10) as call:
+                async for _ in call:
+                    marks.setdefault(f"{label}-first", time.monotonic())
+            marks[f"{label}-end"] = time.monotonic()
+
+    await asyncio.gather(timed("one"), timed("two"))
+    first_end = min(marks["one-end"], marks["two-end"])
+    second_start = max(marks["one-first"], marks["two-first"])
+    if concurrency == 1:
+        assert second_start >= first_end, "two calls ran at once with max_concurrency = 1"
+    else:
+        assert second_start < first_end, "calls were serialised with max_concurrency = 2"
