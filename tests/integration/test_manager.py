@@ -402,3 +402,22 @@ async def test_max_concurrency_bounds_calls_running_in_a_worker(
         assert second_start >= first_end, "two calls ran at once with max_concurrency = 1"
     else:
         assert second_start < first_end, "calls were serialised with max_concurrency = 2"
+
+
+async def test_leaving_a_stream_early_cancels_the_call_in_the_worker(
+    make_manager: ManagerFactory,
+) -> None:
+    """What happens when an HTTP client disconnects: the handler leaves the stream, the worker
+    hears ``cancel`` and stops, long before the call would have finished on its own."""
+    manager = await make_manager(server() + tts("a", options={"latency_ms": 5000, "chunks": 5}))
+    async with manager.use("a") as lease:
+        call = lease.channel.call("speech", {"input": "hi"}, timeout_s=30)
+        async with call:
+            await anext(call)  # first chunk after ~1 s
+        took = await wait_for(lambda: lease.channel.pending_count == 0, 2,
+                              "the worker to acknowledge the cancel")
+    assert took < 1.5
+    slot = manager.slots["a"]
+    assert slot.in_flight == 0 and slot.state is State.READY
+    pong = await slot.channel.ping(2)  # the worker is still fine
+    assert pong.memory["rss"] > 0
