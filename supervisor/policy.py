@@ -202,7 +202,8 @@ def plan_admission(
     # No plan today. Would there be one once every loading, stopping or young model has
     # settled? Plan again as if they could go (after every model that can go today, so
     # the fewest possible are named); that decides between 409 and 503, and the models
-    # that plan needs but cannot have yet are the ones to wait for.
+    # that plan needs but cannot have yet are the ones to wait for. It is an estimate: the
+    # plan made after the wait may choose differently (LRU order can change meanwhile).
     def later_rank(r: Resident) -> int | None:
         obstacle = _obstacle(r, limits, now)
         if obstacle is None:
@@ -400,18 +401,24 @@ def _prune(
 
 
 def _why(r: Resident, target: Target, limits: Limits, now: float, *, memory: bool = False) -> str:
-    """Why ``r`` is in the way, as a clause that starts with its name."""
+    """Why ``r`` is in the way, as a clause that starts with its name.
+
+    For the memory rule a higher priority is the lasting reason (waiting for a young or
+    loading model to settle would not make it evictable), unless the model is pinned or
+    already on its way out.
+    """
     obstacle = _obstacle(r, limits, now)
-    if obstacle is _Obstacle.YOUNG and not (memory and r.priority > target.priority):
-        left = math.ceil(limits.min_residency_s - (now - r.loaded_at))
-        return f"{r.name!r} is within min_residency_s={limits.min_residency_s:g} ({left}s left)"
     if obstacle is _Obstacle.PINNED:
         return f"{r.name!r} is pinned"
-    if obstacle in (_Obstacle.LOADING, _Obstacle.STOPPING) and not (
-        memory and r.priority > target.priority
-    ):
-        return f"{r.name!r} is still {obstacle.value}"
-    return f"{r.name!r} has priority {r.priority} > {target.priority}"
+    if obstacle is _Obstacle.STOPPING:
+        return f"{r.name!r} is still stopping"
+    # An evictable model only blocks the memory rule, and only by outranking the target.
+    if obstacle is None or (memory and r.priority > target.priority):
+        return f"{r.name!r} has priority {r.priority} > {target.priority}"
+    if obstacle is _Obstacle.YOUNG:
+        left = math.ceil(limits.min_residency_s - (now - r.loaded_at))
+        return f"{r.name!r} is within min_residency_s={limits.min_residency_s:g} ({left}s left)"
+    return f"{r.name!r} is still loading"
 
 
 def _message(target: Target, stucks: Sequence[_Stuck]) -> str:
