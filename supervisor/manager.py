@@ -26,8 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from supervisor import policy
 from supervisor.channel import Channel
 from supervisor.config import Recipe, Settings, effective_preload
@@ -40,6 +38,7 @@ from supervisor.errors import (
 )
 from supervisor.events import EventBus
 from supervisor.lifecycle import IdleTimer, Slot, State
+from supervisor.placement import limits, residents, resolve_budget, target_of
 from supervisor.process import WorkerProcess
 from supervisor.rundir import create_runtime_dir
 from workers.protocol import WARMUP_OP, ErrorCode, Progress
@@ -82,7 +81,7 @@ class Manager:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._heartbeat: asyncio.Task[None] | None = None
         self._closing = False
-        self.memory_budget_bytes = _resolve_budget(settings.memory_budget)
+        self.memory_budget_bytes = resolve_budget(settings.memory_budget)
 
     # ================================================================ start / stop
 
@@ -439,12 +438,12 @@ class Manager:
         loop = asyncio.get_running_loop()
         async with self._placement:
             while True:
-                target = policy.Target(
-                    name=slot.name, type=slot.recipe.type, group=slot.recipe.group,
-                    priority=slot.recipe.priority, cost_bytes=slot.cost_bytes(),
-                )
+                target = target_of(slot)
                 outcome = policy.plan_admission(
-                    target, self._residents(exclude=slot), self._limits(), loop.time()
+                    target,
+                    residents(self.slots.values(), exclude=slot),
+                    limits(self.settings, self.memory_budget_bytes),
+                    loop.time(),
                 )
                 if isinstance(outcome, policy.Refusal):
                     if outcome.wait_for and loop.time() < deadline:
@@ -481,37 +480,6 @@ class Manager:
             return
         timeout = max(0.0, deadline - asyncio.get_running_loop().time())
         await asyncio.wait([asyncio.shield(w) for w in waits], timeout=timeout)
-
-    def _residents(self, *, exclude: Slot) -> list[policy.Resident]:
-        states = {
-            State.READY: policy.ResidentState.READY,
-            State.STOPPING: policy.ResidentState.STOPPING,
-            State.LOADING: policy.ResidentState.LOADING,
-        }
-        out = []
-        for s in self.slots.values():
-            if s is exclude or s.state not in states:
-                continue
-            if s.state is State.LOADING and not s.admitted:
-                continue  # still queued for room: holds nothing yet
-            out.append(policy.Resident(
-                name=s.name, type=s.recipe.type, group=s.recipe.group,
-                priority=s.recipe.priority, pinned=s.pinned,
-                cost_bytes=s.reserved_bytes if s.state is State.LOADING else s.cost_bytes(),
-                last_used=s.last_used_mono, loaded_at=s.loaded_at_mono,
-                busy=s.busy, state=states[s.state],
-            ))
-        return out
-
-    def _limits(self) -> policy.Limits:
-        exclusive = frozenset(g.name for g in self.settings.groups.values() if g.exclusive)
-        return policy.Limits(
-            max_loaded_models=self.settings.max_loaded_models,
-            max_loaded_per_type=dict(self.settings.max_loaded_per_type),
-            memory_budget_bytes=self.memory_budget_bytes,
-            exclusive_groups=exclusive,
-            min_residency_s=self.settings.min_residency_s,
-        )
 
     async def _evict_all_idle(self, *, except_for: Slot) -> None:
         victims = [
@@ -642,12 +610,3 @@ def _worth_retrying(error: LemonadeError) -> bool:
     if error.worker_code is not None:
         return error.worker_code in (ErrorCode.LOAD_FAILED, ErrorCode.OUT_OF_MEMORY)
     return isinstance(error, WorkerFailed)
-
-
-def _resolve_budget(budget: int | str | None) -> int | None:
-    if budget == "auto":
-        # CPU-only today: the device total is the machine's RAM. GPU totals come with NVML.
-        return int(psutil.virtual_memory().total)
-    if budget is None or isinstance(budget, int):
-        return budget
-    raise ValueError(f"memory_budget must be bytes, 'auto' or None, got {budget!r}")

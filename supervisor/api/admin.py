@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from supervisor import __version__
 from supervisor.api.body import read_body
-from supervisor.api.keys import MANAGER, METRICS, STARTED_AT
+from supervisor.api.keys import MANAGER, METRICS, SHUTTING_DOWN, STARTED_AT
 from supervisor.lifecycle import State
 from supervisor.status import model_rows
 
@@ -141,16 +141,30 @@ async def events(request: web.Request) -> web.StreamResponse:
         "X-Accel-Buffering": "no",
     })
     await response.prepare(request)
+    stopping = request.app[SHUTTING_DOWN]
     async with manager.events.subscribe() as queue:
         await response.write(b": connected\n\n")
-        while True:
+        while not stopping.is_set():
+            # Wait for an event, the keep-alive interval, or the server shutting down: a
+            # stream that only waited for events would hold up shutdown until aiohttp's
+            # timeouts ran out (20 s and more).
+            get = asyncio.ensure_future(queue.get())
+            stop = asyncio.ensure_future(stopping.wait())
             try:
-                event = await asyncio.wait_for(queue.get(), _SSE_KEEPALIVE_S)
-            except TimeoutError:
-                await response.write(b": keep-alive\n\n")
+                await asyncio.wait((get, stop), timeout=_SSE_KEEPALIVE_S,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stop.cancel()
+                get.cancel()  # no-op when done; a cancelled get() loses no event
+            if not get.done() or get.cancelled():
+                if not stopping.is_set():
+                    await response.write(b": keep-alive\n\n")
                 continue
+            event = get.result()
             payload = json.dumps(event, separators=(",", ":"))
             await response.write(f"event: {event['event']}\ndata: {payload}\n\n".encode())
+    await response.write_eof()
+    return response
 
 
 @routes.get("/api/ps")

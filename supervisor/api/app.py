@@ -8,18 +8,20 @@ and answered 500.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
 from supervisor.api import admin, openai
-from supervisor.api.keys import MANAGER, METRICS, SETTINGS, STARTED_AT
-from supervisor.config import Settings
+from supervisor.api.keys import MANAGER, METRICS, SETTINGS, SHUTTING_DOWN, STARTED_AT
+from supervisor.config import Settings, is_loopback_host
 from supervisor.errors import LemonadeError, Unauthorized
 from supervisor.manager import Manager
 from supervisor.metrics import Metrics
@@ -97,8 +99,45 @@ def auth_middleware(api_key: str) -> Middleware:
     return check_key
 
 
+class _Forbidden(LemonadeError):
+    status = 403
+    type = "invalid_request_error"
+    code = "forbidden"
+
+
+def _hostname(host: str) -> str:
+    """``127.0.0.1:8000`` -> ``127.0.0.1``; ``[::1]:8000`` -> ``::1``."""
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
+@web.middleware
+async def loopback_only(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """DESIGN "Security defaults" for a loopback bind: the Host header must name this machine
+    (a DNS-rebinding page cannot talk to us under its own name), and a browser's ``Origin``,
+    when sent, must be a loopback one (another site cannot drive the API: bodies are read
+    whatever their content type, so a cross-site form POST needs no CORS preflight)."""
+    host = _hostname(request.headers.get("Host", "127.0.0.1"))
+    if not is_loopback_host(host):
+        raise _Forbidden(f"Host '{host[:100]}' is not allowed: this server only answers to "
+                         "localhost, 127.0.0.1 and [::1]")
+    origin = request.headers.get("Origin")
+    if origin is not None:
+        try:
+            origin_host = urllib.parse.urlsplit(origin).hostname
+        except ValueError:  # e.g. "http://[oops"
+            origin_host = None
+        if origin_host is None or not is_loopback_host(origin_host):
+            raise _Forbidden(f"cross-origin request from '{origin[:100]}' refused: only "
+                             "loopback origins may use this server")
+    return await handler(request)
+
+
 def create_app(settings: Settings, *, runtime_base: str | None = None) -> web.Application:
     middlewares: list[Any] = [errors_middleware]
+    if is_loopback_host(settings.host):
+        middlewares.append(loopback_only)
     if settings.api_key:
         middlewares.append(auth_middleware(settings.api_key))
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=middlewares)
@@ -107,6 +146,7 @@ def create_app(settings: Settings, *, runtime_base: str | None = None) -> web.Ap
     app[MANAGER] = manager
     app[METRICS] = Metrics(manager)
     app[STARTED_AT] = time.time()
+    app[SHUTTING_DOWN] = asyncio.Event()
     app.add_routes(openai.routes)
     app.add_routes(admin.routes)
 
@@ -117,5 +157,9 @@ def create_app(settings: Settings, *, runtime_base: str | None = None) -> web.Ap
         finally:
             await manager.close()
 
+    async def end_event_streams(app: web.Application) -> None:
+        app[SHUTTING_DOWN].set()
+
+    app.on_shutdown.append(end_event_streams)
     app.cleanup_ctx.append(manager_lifetime)
     return app

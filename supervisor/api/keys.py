@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
 from supervisor.config import Settings
@@ -12,3 +14,5 @@ SETTINGS = web.AppKey("settings", Settings)
 MANAGER = web.AppKey("manager", Manager)
 METRICS = web.AppKey("metrics", Metrics)
 STARTED_AT = web.AppKey("started_at", float)
+#: Set when the server starts shutting down, so open event streams end instead of holding it up.
+SHUTTING_DOWN = web.AppKey("shutting_down", asyncio.Event)
