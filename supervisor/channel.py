@@ -164,12 +164,16 @@ class Channel:
 
     # ----------------------------------------------------------------- writing
 
-    async def _send(self, message: Message) -> None:
+    async def _send(
+        self, message: Message, on_written: Callable[[], None] | None = None
+    ) -> None:
         if self.closed_reason is not None:
             raise WorkerFailed(f"worker for '{self.model}' is gone: {self.closed_reason}")
         async with self._write_lock:
             try:
                 self._writer.write(encode(message))
+                if on_written is not None:
+                    on_written()  # the frame is on its way even if drain() is cancelled
                 await self._writer.drain()
             except (ConnectionError, OSError) as e:
                 self._close(f"writing to the worker failed ({e})")
@@ -259,6 +263,7 @@ class CallStream:
         self._id: int | None = None
         self._pending: _Pending | None = None
         self._deadline = 0.0
+        self._sent = False
         self.finished = False
         self.result: Any = None
 
@@ -268,11 +273,16 @@ class CallStream:
         self._id, self._pending = self._channel._register(frozenset({"chunk", "end", "error"}))
         self._deadline = asyncio.get_running_loop().time() + self._timeout_s
         try:
-            await self._channel._send(Call(id=self._id, op=self._op, args=self._args))
+            await self._channel._send(Call(id=self._id, op=self._op, args=self._args),
+                                      on_written=self._mark_sent)
         except BaseException:
-            self.finished = True
-            self._channel._pending.pop(self._id, None)
-            raise
+            if not self._sent:  # the worker never heard of it: forget it
+                self.finished = True
+                self._channel._pending.pop(self._id, None)
+            raise  # if it was sent, aclose() cancels it on the worker
+
+    def _mark_sent(self) -> None:
+        self._sent = True
 
     async def __aenter__(self) -> CallStream:
         await self.start()
@@ -297,9 +307,11 @@ class CallStream:
             raise GatewayTimeout(
                 f"model '{self._channel.model}' did not answer within {self._timeout_s:g}s"
             ) from None
-        except BaseException:
-            self.finished = True
+        except LemonadeError:
+            self.finished = True  # the channel closed under us: nothing left to cancel
             raise
+        # CancelledError (the HTTP client went away) leaves the call unfinished on purpose,
+        # so that aclose() tells the worker to stop.
         if isinstance(msg, Chunk):
             return msg.data
         self.finished = True

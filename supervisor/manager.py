@@ -476,6 +476,8 @@ class Manager:
             elif other.state is State.LOADING and other.load_future is not None:
                 waits.append(other.load_future)
         if not waits:
+            # A model that just loaded and whose waiting requests have not resumed yet: they
+            # run on the next turns of the loop, so a short pause is enough.
             await asyncio.sleep(0.05)
             return
         timeout = max(0.0, deadline - asyncio.get_running_loop().time())

@@ -36,13 +36,19 @@ def residents(slots: Iterable[Slot], *, exclude: Slot) -> list[policy.Resident]:
             continue
         if s.state is State.LOADING and not s.admitted:
             continue  # still queued for room: it holds nothing yet
+        state = _RESIDENT_STATES[s.state]
+        if s.state is State.READY and s.waiters:
+            # Just loaded, and the requests that waited for that load have not picked it up
+            # yet: evicting it now would starve them (two models under a cap of one would
+            # evict each other forever). The planner waits for them like for a load.
+            state = policy.ResidentState.LOADING
         out.append(policy.Resident(
             name=s.name, type=s.recipe.type, group=s.recipe.group,
             priority=s.recipe.priority, pinned=s.pinned,
             # A load in progress holds its reservation; a loaded model its measured cost.
             cost_bytes=s.reserved_bytes if s.state is State.LOADING else s.cost_bytes(),
             last_used=s.last_used_mono, loaded_at=s.loaded_at_mono,
-            busy=s.busy, state=_RESIDENT_STATES[s.state],
+            busy=s.busy, state=state,
         ))
     return out
 
