@@ -7,6 +7,7 @@ not a :class:`LemonadeError` reaching that middleware is a bug and is logged as 
     LemonadeError
     ├── BadRequest              400 invalid_request_error
     ├── Unauthorized            401 authentication_error
+    ├── Forbidden               403 (Host or Origin not allowed)
     ├── ModelNotFound           404 model_not_found
     ├── Conflict                409 (pinned / protected by priority / can never fit)
     ├── PayloadTooLarge         413
@@ -52,6 +53,12 @@ class Unauthorized(LemonadeError):
     status = 401
     type = "authentication_error"
     code = "invalid_api_key"
+
+
+class Forbidden(LemonadeError):
+    status = 403
+    type = "invalid_request_error"
+    code = "forbidden"
 
 
 class ModelNotFound(LemonadeError):

@@ -1,4 +1,4 @@
-"""Builds the aiohttp application: routes, the error and auth middlewares, manager lifetime.
+"""Builds the aiohttp application: routes, middlewares, and the manager's lifetime.
 
 The error middleware is the one place exceptions become responses: a ``LemonadeError`` gets
 its status and OpenAI's error JSON; aiohttp's own HTTP errors (unknown route, wrong method,
@@ -9,11 +9,8 @@ and answered 500.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import logging
 import time
-import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -21,8 +18,9 @@ from aiohttp import web
 
 from supervisor.api import admin, openai
 from supervisor.api.keys import MANAGER, METRICS, SETTINGS, SHUTTING_DOWN, STARTED_AT
+from supervisor.api.security import add_cors_headers, auth_middleware, loopback_only
 from supervisor.config import Settings, is_loopback_host
-from supervisor.errors import LemonadeError, Unauthorized
+from supervisor.errors import LemonadeError
 from supervisor.manager import Manager
 from supervisor.metrics import Metrics
 
@@ -32,8 +30,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 #: Bodies are small JSON documents; audio uploads (later) get their own, larger limit.
 MAX_BODY_BYTES = 1024 * 1024
-#: Routes anyone on the bind address may call even when an API key is set.
-OPEN_ROUTES = frozenset({"/health"})
 
 
 def error_response(status: int, message: str, *, type_: str, code: str,
@@ -75,65 +71,6 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
                               type_="server_error", code="internal_error")
 
 
-def _digest(value: str) -> bytes:
-    return hashlib.sha256(value.encode()).digest()
-
-
-Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
-
-
-def auth_middleware(api_key: str) -> Middleware:
-    expected = _digest(api_key)
-
-    @web.middleware
-    async def check_key(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in OPEN_ROUTES:
-            return await handler(request)
-        header = request.headers.get("Authorization", "")
-        given = header[7:] if header.startswith("Bearer ") else request.headers.get("x-api-key", "")
-        # Digests of equal length, compared in constant time: no early exit leaks the key.
-        if not hmac.compare_digest(_digest(given), expected):
-            raise Unauthorized("a valid API key is required (Authorization: Bearer <key>)")
-        return await handler(request)
-
-    return check_key
-
-
-class _Forbidden(LemonadeError):
-    status = 403
-    type = "invalid_request_error"
-    code = "forbidden"
-
-
-def _hostname(host: str) -> str:
-    """``127.0.0.1:8000`` -> ``127.0.0.1``; ``[::1]:8000`` -> ``::1``."""
-    if host.startswith("["):
-        return host[1:].partition("]")[0]
-    return host.rpartition(":")[0] if host.count(":") == 1 else host
-
-
-@web.middleware
-async def loopback_only(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """DESIGN "Security defaults" for a loopback bind: the Host header must name this machine
-    (a DNS-rebinding page cannot talk to us under its own name), and a browser's ``Origin``,
-    when sent, must be a loopback one (another site cannot drive the API: bodies are read
-    whatever their content type, so a cross-site form POST needs no CORS preflight)."""
-    host = _hostname(request.headers.get("Host", "127.0.0.1"))
-    if not is_loopback_host(host):
-        raise _Forbidden(f"Host '{host[:100]}' is not allowed: this server only answers to "
-                         "localhost, 127.0.0.1 and [::1]")
-    origin = request.headers.get("Origin")
-    if origin is not None:
-        try:
-            origin_host = urllib.parse.urlsplit(origin).hostname
-        except ValueError:  # e.g. "http://[oops"
-            origin_host = None
-        if origin_host is None or not is_loopback_host(origin_host):
-            raise _Forbidden(f"cross-origin request from '{origin[:100]}' refused: only "
-                             "loopback origins may use this server")
-    return await handler(request)
-
-
 def create_app(settings: Settings, *, runtime_base: str | None = None) -> web.Application:
     middlewares: list[Any] = [errors_middleware]
     if is_loopback_host(settings.host):
@@ -161,5 +98,6 @@ def create_app(settings: Settings, *, runtime_base: str | None = None) -> web.Ap
         app[SHUTTING_DOWN].set()
 
     app.on_shutdown.append(end_event_streams)
+    app.on_response_prepare.append(add_cors_headers)
     app.cleanup_ctx.append(manager_lifetime)
     return app

@@ -479,3 +479,28 @@ def test_cross_site_requests_are_refused(start_server):
         result = server.get("/v1/models", headers={"Origin": origin})
         assert result.status == 200, (origin, result.body)
     assert server.load("tone")["state"] == "ready"
+
+
+def test_loopback_origins_get_cors_headers_and_preflight_answers(start_server):
+    """A local web UI on another port can read answers, errors included."""
+    server = start_server(TWO_MODELS)
+    origin = "http://localhost:3000"
+    ok = server.get("/v1/models", headers={"Origin": origin})
+    assert ok.headers["Access-Control-Allow-Origin"] == origin
+    assert "Origin" in ok.headers["Vary"]
+    missing = server.post("/v1/audio/speech", {"model": "nope", "input": "hi"},
+                          headers={"Origin": origin})
+    assert missing.status == 404
+    assert missing.headers["Access-Control-Allow-Origin"] == origin
+    preflight = server.request("OPTIONS", "/v1/audio/speech", headers={
+        "Origin": origin,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type, authorization, bad header!",
+    })
+    assert preflight.status == 204
+    assert preflight.headers["Access-Control-Allow-Origin"] == origin
+    assert "POST" in preflight.headers["Access-Control-Allow-Methods"]
+    allowed = preflight.headers["Access-Control-Allow-Headers"]
+    assert "content-type" in allowed and "authorization" in allowed and "bad" not in allowed
+    no_origin = server.get("/v1/models")
+    assert "Access-Control-Allow-Origin" not in no_origin.headers
