@@ -40,6 +40,9 @@ MAX_SUPERVISOR_FRAME_BYTES = 4 * 1024 * 1024
 FRAME_BODY_DEADLINE_S = 30.0
 #: Message schemas are shallow; anything nested deeper than this is hostile.
 MAX_NESTING_DEPTH = 16
+#: Arrays and maps in one frame, counted while decoding: an empty-container bomb (one byte
+#: on the wire, ~60 bytes each in memory) is stopped long before it costs real memory.
+MAX_CONTAINERS_PER_FRAME = 100_000
 #: Error messages are truncated to this many characters before they travel further.
 MAX_ERROR_MESSAGE_CHARS = 4096
 _MAX_ID = 2**63
@@ -426,15 +429,31 @@ def encode(message: Message) -> bytes:
     return len(body).to_bytes(_HEADER_BYTES, "big") + body
 
 
+class _ContainerBudget:
+    """Counts containers as msgpack builds them and stops the decode past the budget."""
+
+    def __init__(self) -> None:
+        self.left = MAX_CONTAINERS_PER_FRAME
+
+    def spend(self, container: Any) -> Any:
+        self.left -= 1
+        if self.left < 0:
+            raise ProtocolError(f"frame holds more than {MAX_CONTAINERS_PER_FRAME} arrays/maps")
+        return container
+
+
 def decode_body(body: bytes, allowed: Mapping[str, type[Message]]) -> Message:
     """Unpack one frame body with hard limits, then check it against its message schema."""
     limit = len(body)
+    budget = _ContainerBudget()
     try:
         d = msgpack.unpackb(
             body,
             raw=False,
             strict_map_key=True,
             use_list=True,
+            list_hook=budget.spend,
+            object_hook=budget.spend,
             ext_hook=_reject_ext,
             max_str_len=limit,
             max_bin_len=limit,

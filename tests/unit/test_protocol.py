@@ -16,6 +16,7 @@ import pytest
 from workers.protocol import (
     FROM_SUPERVISOR,
     FROM_WORKER,
+    MAX_CONTAINERS_PER_FRAME,
     MAX_ERROR_MESSAGE_CHARS,
     MAX_NESTING_DEPTH,
     PROTOCOL_VERSION,
@@ -363,3 +364,18 @@ async def test_garbage_body_through_the_reader() -> None:
     reader = reader_with(frame_of(b"\xc1\xc1\xc1"))
     with pytest.raises(ProtocolError):
         await read_message(reader, FROM_SUPERVISOR, max_frame=1024)
+
+
+def test_an_empty_container_bomb_is_stopped_while_decoding() -> None:
+    """200k empty arrays are 200 kB on the wire but ~12 MB in memory; a 16 MiB frame of them
+    would cost about 1 GB. The decoder stops at its container budget instead."""
+    body = msgpack.packb({"t": "end", "id": 1, "result": [[]] * (MAX_CONTAINERS_PER_FRAME + 1)})
+    with pytest.raises(ProtocolError, match="arrays/maps"):
+        decode_body(body, FROM_WORKER)
+
+
+def test_a_frame_within_the_container_budget_decodes() -> None:
+    rows = [[0.5] * 8 for _ in range(1000)]  # e.g. a batch of embeddings
+    body = msgpack.packb({"t": "end", "id": 1, "result": rows})
+    message = decode_body(body, FROM_WORKER)
+    assert isinstance(message, End) and message.result == rows
