@@ -31,6 +31,7 @@ from supervisor.channel import Channel
 from supervisor.config import Recipe, Settings, effective_preload
 from supervisor.errors import (
     Conflict,
+    GatewayTimeout,
     LemonadeError,
     ModelNotFound,
     ServiceUnavailable,
@@ -397,7 +398,12 @@ class Manager:
             future.set_exception(ServiceUnavailable(
                 f"loading model '{slot.name}' was cancelled", retry_after_s=1))
             raise
-        except LemonadeError as e:
+        except Exception as e:
+            if not isinstance(e, LemonadeError):
+                # A bug must still end the load: waiters get an answer, the slot a state.
+                log.exception("loading %s failed with an unexpected error (this is a bug)",
+                              slot.name)
+                e = WorkerFailed(f"internal error while loading: {type(e).__name__}: {e}")
             self._forget_process(slot)
             self._record_failure(slot, e)
             self.events.publish("load_failed", slot.name, error=e.message, status=e.status)
@@ -499,11 +505,14 @@ class Manager:
         deadline = loop.time() + self.settings.load_timeout_s
         slot.spawn_seq += 1
         self.spawns += 1
-        worker = await WorkerProcess.spawn(
-            model=recipe.name, kind=recipe.kind, runtime_dir=self.runtime_dir,
-            seq=slot.spawn_seq, handshake_timeout_s=self.settings.load_timeout_s,
-            max_concurrency=recipe.max_concurrency,
-        )
+        try:
+            worker = await WorkerProcess.spawn(
+                model=recipe.name, kind=recipe.kind, runtime_dir=self.runtime_dir,
+                seq=slot.spawn_seq, handshake_timeout_s=self.settings.load_timeout_s,
+                max_concurrency=recipe.max_concurrency,
+            )
+        except GatewayTimeout:
+            raise self._load_timeout() from None
         channel = Channel(recipe.name, worker.reader, worker.writer,
                           on_broken=lambda reason: worker.kill())
 
@@ -527,6 +536,8 @@ class Manager:
             await asyncio.shield(worker.stop(0))
             if isinstance(e, WorkerFailed) and not worker.alive:
                 e.message = f"{e.message} ({worker.describe_exit()}: {worker.last_output()})"
+            if isinstance(e, GatewayTimeout):
+                raise self._load_timeout() from None
             raise
         slot.device = loaded.device
         slot.info = dict(loaded.info)
@@ -536,6 +547,11 @@ class Manager:
         slot.rss_bytes = max(worker.rss_bytes(), loaded.memory.get("rss", 0))
         slot.measured_cost_bytes = slot.vram_bytes or slot.rss_bytes
         self._spawn_task(self._watch_exit(slot, worker), f"watch-{recipe.name}-{worker.pid}")
+
+    def _load_timeout(self) -> GatewayTimeout:
+        return GatewayTimeout(
+            f"no answer within load_timeout ({self.settings.load_timeout_s:g}s)", code="timeout"
+        )
 
     async def _warmup(self, slot: Slot, channel: Channel, deadline: float) -> float | None:
         """Run the kind's warmup call; returns its seconds, or None if the kind has none."""

@@ -11,7 +11,13 @@ from typing import Any
 
 import pytest
 
-from supervisor.errors import Conflict, ServiceUnavailable, WorkerFailed
+from supervisor.errors import (
+    Conflict,
+    GatewayTimeout,
+    LemonadeError,
+    ServiceUnavailable,
+    WorkerFailed,
+)
 from supervisor.lifecycle import State
 from supervisor.manager import Manager
 from supervisor.status import model_rows
@@ -24,7 +30,8 @@ MiB = 1024 * 1024
 def tts(name: str, **fields: Any) -> str:
     """A [models.NAME] table for the synthetic tts kind; ``options`` go in their own table."""
     options = fields.pop("options", {})
-    lines = [f"[models.{name}]", 'recipe = "synthetic"', 'type = "tts"']
+    kind_type = fields.pop("type", "tts")
+    lines = [f"[models.{name}]", 'recipe = "synthetic"', f'type = "{kind_type}"']
     lines += [f"{k} = {_toml(v)}" for k, v in fields.items()]
     lines.append(f"[models.{name}.options]")
     lines += [f"{k} = {_toml(v)}" for k, v in options.items()]
@@ -421,3 +428,147 @@ async def test_leaving_a_stream_early_cancels_the_call_in_the_worker(
     assert slot.in_flight == 0 and slot.state is State.READY
     pong = await slot.channel.ping(2)  # the worker is still fine
     assert pong.memory["rss"] > 0
+
+
+# ----------------------------------------------------------------------------- edge paths
+
+
+async def test_young_models_are_protected_by_min_residency(make_manager: ManagerFactory) -> None:
+    manager = await make_manager(
+        server(max_loaded_models=1, min_residency="30s") + tts("a") + tts("b")
+    )
+    await manager.load("a")
+    with pytest.raises(ServiceUnavailable) as caught:
+        await manager.load("b")
+    assert "'a'" in caught.value.message
+    assert caught.value.retry_after_s is not None and 25 <= caught.value.retry_after_s <= 30
+    assert manager.slots["a"].state is State.READY
+    assert manager.slots["b"].state is State.UNLOADED, "a refusal is not a load failure"
+
+
+async def test_per_type_cap_evicts_only_that_type(make_manager: ManagerFactory) -> None:
+    manager = await make_manager(
+        server().replace("[server]\n", "[server]\nmax_loaded_per_type = { tts = 1 }\n")
+        + tts("speech1") + tts("speech2")
+        + tts("embedder", type="embedding")
+    )
+    manager.slots["embedder"].state = State.READY  # an embedding resident, no worker needed
+    try:
+        await manager.load("speech1")
+        await manager.load("speech2")
+        assert manager.slots["speech1"].last_eviction["reason"] == "lru"
+        assert manager.slots["embedder"].state is State.READY
+    finally:
+        manager.slots["embedder"].state = State.UNLOADED
+
+
+async def test_exclusive_group_with_a_pinned_member_refuses(make_manager: ManagerFactory) -> None:
+    manager = await make_manager(
+        server() + "[groups.npu]\nexclusive = true\n"
+        + tts("npu1", group="npu", pinned=True) + tts("npu2", group="npu")
+    )
+    await manager.load("npu1")
+    with pytest.raises(Conflict) as caught:
+        await manager.load("npu2")
+    assert "'npu1'" in caught.value.message and "pinned" in caught.value.message
+
+
+async def test_a_busy_victim_that_does_not_drain_in_time_stays(
+    make_manager: ManagerFactory,
+) -> None:
+    manager = await make_manager(
+        server(max_loaded_models=1, drain_timeout="0.3s")
+        + tts("slow", options={"latency_ms": 2000, "chunks": 2}) + tts("b")
+    )
+    await manager.load("slow")
+    request = asyncio.create_task(speak(manager, "slow"))
+    await wait_for(lambda: manager.slots["slow"].in_flight == 1, 2, "the request to start")
+    with pytest.raises(ServiceUnavailable, match="still busy") as caught:
+        await manager.load("b")
+    assert caught.value.retry_after_s
+    assert manager.slots["slow"].state is State.READY
+    _, audio = await request
+    assert audio.startswith(b"RIFF"), "the busy victim's request was cut off"
+    await manager.load("b")  # now it drains at once
+    assert manager.slots["slow"].last_eviction["reason"] == "lru"
+
+
+async def test_forced_unload_cuts_requests_off_with_502(make_manager: ManagerFactory) -> None:
+    manager = await make_manager(server() + tts("a", options={"latency_ms": 3000, "chunks": 2}))
+    await manager.load("a")
+    pid = manager.slots["a"].pid
+    assert pid is not None
+    request = asyncio.create_task(speak(manager, "a"))
+    await wait_for(lambda: manager.slots["a"].in_flight == 1, 2, "the request to start")
+    started = time.monotonic()
+    await manager.unload("a", force=True)
+    assert time.monotonic() - started < 2.5, "force waited for the request"
+    with pytest.raises(WorkerFailed):
+        await request
+    assert_retired(manager, "a", pid, "manual")
+
+
+async def test_unloading_a_model_while_it_loads_cancels_the_load(
+    make_manager: ManagerFactory,
+) -> None:
+    manager = await make_manager(server() + tts("a", options={"load_seconds": 5}))
+    request = asyncio.create_task(speak(manager, "a"))
+    await wait_for(lambda: manager.slots["a"].pid is not None, 3, "the worker to start")
+    pid = manager.slots["a"].pid
+    assert pid is not None
+    assert await manager.unload("a") is True
+    with pytest.raises(ServiceUnavailable, match="cancelled"):
+        await request
+    slot = manager.slots["a"]
+    assert slot.state is State.UNLOADED and slot.last_eviction["reason"] == "manual"
+    assert process_gone(pid)
+
+
+async def test_closing_the_manager_during_a_load_leaves_no_worker(
+    make_manager: ManagerFactory,
+) -> None:
+    manager = await make_manager(server() + tts("a", options={"load_seconds": 5}))
+    request = asyncio.create_task(speak(manager, "a"))
+    await wait_for(lambda: manager.slots["a"].pid is not None, 3, "the worker to start")
+    pid = manager.slots["a"].pid
+    assert pid is not None
+    await manager.close()
+    with pytest.raises(ServiceUnavailable):
+        await request
+    assert process_gone(pid)
+
+
+async def test_a_load_that_takes_too_long_is_a_504_and_the_worker_is_killed(
+    make_manager: ManagerFactory,
+) -> None:
+    manager = await make_manager(
+        server(load_timeout="1s") + tts("a", options={"load_seconds": 30})
+    )
+    spawned: list[int] = []
+    manager.events.listen(lambda e: spawned.append(e["pid"]) if e["event"] == "spawned" else None)
+    with pytest.raises(GatewayTimeout, match=r"load_timeout \(1s\)"):
+        await manager.load("a")
+    assert manager.slots["a"].state is State.FAILED
+    assert spawned and all(process_gone(pid) for pid in spawned)
+    assert len(spawned) == 1, "a timed-out load is not retried"
+
+
+async def test_a_bug_in_the_load_path_still_answers_every_waiter(
+    make_manager: ManagerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever goes wrong inside a load, the requests waiting for it get an answer and the
+    slot leaves LOADING (a stuck LOADING slot would hang every later request)."""
+    manager = await make_manager(server() + tts("a"))
+
+    async def broken(slot: object) -> None:
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(manager, "_spawn_and_load", broken)
+    results = await asyncio.wait_for(
+        asyncio.gather(*(speak(manager, "a") for _ in range(3)), return_exceptions=True), 5
+    )
+    for result in results:  # what a client sees: 503 + Retry-After, naming the cause
+        assert isinstance(result, LemonadeError), result
+        assert result.status == 503 and result.retry_after_header() is not None
+        assert "simulated bug" in result.message
+    assert manager.slots["a"].state is State.FAILED
