@@ -22,7 +22,26 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Literal, NoReturn, TypeVar
 
-from supervisor.units import parse_duration, parse_size
+from supervisor.config_values import (
+    LOG_LEVELS,
+    MODEL_NAME_RE,
+    ConfigError,
+    Parser,
+    as_bool,
+    as_int,
+    as_str,
+    duration,
+    fail,
+    parse_budget,
+    parse_host,
+    parse_log_level,
+    parse_max_loaded,
+    parse_model_name,
+    parse_port,
+    parse_positive_int,
+    parse_preload,
+)
+from supervisor.units import parse_size
 from workers.protocol import BUILTIN_KINDS, MODEL_TYPES
 
 __all__ = [
@@ -71,20 +90,10 @@ class FrozenDict(dict[_K, _V]):
         return (type(self), (dict(self),))
 
 
-MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 DEFAULT_PRIORITY_BY_TYPE: Mapping[str, int] = FrozenDict(
     {"llm": 0, "embedding": 1, "tts": 1, "asr": 2}
 )
 DEVICE_RE = re.compile(r"^(auto|cpu|npu|cuda(:\d+)?)$")
-LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
-
-
-class ConfigError(Exception):
-    """A config value is missing, malformed or inconsistent.
-
-    The message always names where the value came from (file and key, env var, or CLI flag)
-    and what is allowed, so it can be shown to the user as it is.
-    """
 
 
 def _freeze(value: Any) -> Any:
@@ -154,144 +163,11 @@ class Settings:
         object.__setattr__(self, "preload", tuple(self.preload))
 
 
-# --- value parsers -------------------------------------------------------------------------
-# Each takes (value, where, textual): `textual` is true for env vars and CLI flags, whose
-# values arrive as strings that must be converted; file values must already have the type.
-
-_Parser = Callable[[Any, str, bool], Any]
-
-
-def _fail(where: str, expected: str, value: object) -> NoReturn:
-    raise ConfigError(f"{where}: expected {expected}; got {value!r}")
-
-
-def _as_int(value: Any, where: str, textual: bool, expected: str) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if textual and isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
-        return int(value)
-    _fail(where, expected, value)
-
-
-def _as_bool(value: Any, where: str) -> bool:
-    if not isinstance(value, bool):
-        _fail(where, "true or false", value)
-    return value
-
-
-def _as_str(value: Any, where: str, expected: str = "a non-empty string") -> str:
-    if not isinstance(value, str) or not value.strip():
-        _fail(where, expected, value)
-    return value.strip()
-
-
-def _duration(*, zero_means_never: bool = False, positive: bool = False) -> _Parser:
-    def parse(value: Any, where: str, textual: bool) -> float:
-        try:
-            seconds = parse_duration(value, where=where, zero_means_never=zero_means_never)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        if positive and seconds <= 0:
-            _fail(where, "a duration greater than 0", value)
-        return seconds
-
-    return parse
-
-
-def _parse_host(value: Any, where: str, textual: bool) -> str:
-    expected = 'a host name or IP address ("127.0.0.1", "::1", "0.0.0.0")'
-    host = _as_str(value, where, expected)
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not host or any(c.isspace() for c in host):
-        _fail(where, expected, value)
-    return host
-
-
-def _parse_port(value: Any, where: str, textual: bool) -> int:
-    expected = "an integer port 1..65535 (0 picks a free port)"
-    port = _as_int(value, where, textual, expected)
-    if not 0 <= port <= 65535:
-        _fail(where, expected, value)
-    return port
-
-
-def _parse_max_loaded(value: Any, where: str, textual: bool) -> int | None:
-    expected = "an integer >= 1, or 0/-1 for unlimited"
-    count = _as_int(value, where, textual, expected)
-    if count in (0, -1):
-        return None
-    if count < 1:
-        _fail(where, expected, value)
-    return count
-
-
-def _parse_positive_int(value: Any, where: str, textual: bool) -> int:
-    count = _as_int(value, where, textual, "an integer >= 1")
-    if count < 1:
-        _fail(where, "an integer >= 1", value)
-    return count
-
-
-def _parse_budget(value: Any, where: str, textual: bool) -> int | Literal["auto"] | None:
-    expected = '"auto" (device total), "none"/"off" (no budget), or a size ("12GiB", "800MB")'
-    if isinstance(value, str):
-        word = value.strip().lower()
-        if word == "auto":
-            return "auto"
-        if word in ("none", "off"):
-            return None
-    try:
-        size = parse_size(value, where=where)
-    except ValueError:
-        _fail(where, expected, value)
-    if size == 0:
-        _fail(where, f'{expected}; a budget of 0 bytes fits nothing, use "none" instead', value)
-    return size
-
-
-def _parse_model_name(value: Any, where: str, textual: bool) -> str:
-    expected = f"a model name matching {MODEL_NAME_RE.pattern}"
-    name = _as_str(value, where, expected)
-    if not MODEL_NAME_RE.match(name):
-        _fail(where, expected, value)
-    return name
-
-
-def _parse_log_level(value: Any, where: str, textual: bool) -> str:
-    expected = "one of " + ", ".join(LOG_LEVELS)
-    level = _as_str(value, where, expected).lower()
-    if level not in LOG_LEVELS:
-        _fail(where, expected, value)
-    return level
-
-
-def _parse_preload(value: Any, where: str, textual: bool) -> tuple[str, ...]:
-    if textual and isinstance(value, str):
-        items: list[Any] = [value]
-    elif isinstance(value, list | tuple):
-        items = list(value)
-    else:
-        expected = "comma-separated model names" if textual else "an array of model names"
-        _fail(where, expected, value)
-    names: list[str] = []
-    for item in items:
-        # On the command line and in env vars, "a,b" is as good as two separate names.
-        parts = item.split(",") if textual and isinstance(item, str) else [item]
-        for part in parts:
-            if textual and isinstance(part, str) and not part.strip():
-                continue
-            name = _parse_model_name(part, where, textual)
-            if name not in names:
-                names.append(name)
-    return tuple(names)
-
-
 @dataclass(frozen=True)
 class _ServerKey:
     key: str  # the [server] key, and the CLI dict key
     field: str  # the Settings field
-    parse: _Parser
+    parse: Parser
     env: str  # the environment variable
 
     @property
@@ -303,28 +179,28 @@ _ENV = "LEMONADE_"
 _SERVER_KEYS: tuple[_ServerKey, ...] = tuple(
     _ServerKey(key, field, parse, env or _ENV + key.upper())
     for key, field, parse, env in (
-        ("host", "host", _parse_host, ""),
-        ("port", "port", _parse_port, ""),
+        ("host", "host", parse_host, ""),
+        ("port", "port", parse_port, ""),
         (
             "auto_unload_timer",
             "auto_unload_timer_s",
-            _duration(zero_means_never=True),
+            duration(zero_means_never=True),
             "LEMONADE_GLOBAL_AUTO_UNLOAD_TIMER",
         ),
-        ("max_loaded_models", "max_loaded_models", _parse_max_loaded, ""),
-        ("memory_budget", "memory_budget", _parse_budget, ""),
-        ("default_model", "default_model", _parse_model_name, ""),
-        ("max_parallel_loads", "max_parallel_loads", _parse_positive_int, ""),
-        ("min_residency", "min_residency_s", _duration(), ""),
-        ("stop_grace", "stop_grace_s", _duration(), ""),
-        ("drain_timeout", "drain_timeout_s", _duration(), ""),
-        ("load_timeout", "load_timeout_s", _duration(positive=True), ""),
-        ("call_timeout", "call_timeout_s", _duration(positive=True), ""),
-        ("load_failure_cooldown", "load_failure_cooldown_s", _duration(), ""),
-        ("load_failure_cooldown_max", "load_failure_cooldown_max_s", _duration(), ""),
-        ("heartbeat_interval", "heartbeat_interval_s", _duration(positive=True), ""),
-        ("log_level", "log_level", _parse_log_level, ""),
-        ("preload", "preload", _parse_preload, ""),
+        ("max_loaded_models", "max_loaded_models", parse_max_loaded, ""),
+        ("memory_budget", "memory_budget", parse_budget, ""),
+        ("default_model", "default_model", parse_model_name, ""),
+        ("max_parallel_loads", "max_parallel_loads", parse_positive_int, ""),
+        ("min_residency", "min_residency_s", duration(), ""),
+        ("stop_grace", "stop_grace_s", duration(), ""),
+        ("drain_timeout", "drain_timeout_s", duration(), ""),
+        ("load_timeout", "load_timeout_s", duration(positive=True), ""),
+        ("call_timeout", "call_timeout_s", duration(positive=True), ""),
+        ("load_failure_cooldown", "load_failure_cooldown_s", duration(), ""),
+        ("load_failure_cooldown_max", "load_failure_cooldown_max_s", duration(), ""),
+        ("heartbeat_interval", "heartbeat_interval_s", duration(positive=True), ""),
+        ("log_level", "log_level", parse_log_level, ""),
+        ("preload", "preload", parse_preload, ""),
     )
 )
 _SERVER_FILE_KEYS = (*(k.key for k in _SERVER_KEYS), "max_loaded_per_type")
@@ -369,7 +245,7 @@ def effective_preload(settings: Settings) -> tuple[str, ...]:
 
 def _table(value: Any, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
-        _fail(where, "a table", value)
+        fail(where, "a table", value)
     return value
 
 
@@ -395,7 +271,7 @@ def _read_toml(path: Path, named_by: str) -> dict[str, Any]:
 def _check_option_values(value: Any, where: str) -> None:
     # TOML dates and times cannot cross the msgpack wire to the worker.
     if isinstance(value, datetime | date | time):
-        _fail(where, "a string, number, boolean, array or table (not a date/time)", value)
+        fail(where, "a string, number, boolean, array or table (not a date/time)", value)
     if isinstance(value, dict):
         for key, item in value.items():
             _check_option_values(item, f"{where}.{key}")
@@ -418,14 +294,14 @@ def _model_type(table: Mapping[str, Any], options: Mapping[str, Any], kind: str,
             )
         where = f"{at} recipe"
     if type_ not in MODEL_TYPES:
-        _fail(where, f"a model type: one of {allowed}", type_)
+        fail(where, f"a model type: one of {allowed}", type_)
     return str(type_)
 
 
 def _parse_model(name: str, raw: Any, path: str, kinds: Callable[[], tuple[str, ...]]) -> Recipe:
     at = f"{path}: [models.{name}]"
     if not MODEL_NAME_RE.match(name):
-        _fail(at, f"a model name matching {MODEL_NAME_RE.pattern}", name)
+        fail(at, f"a model name matching {MODEL_NAME_RE.pattern}", name)
     table = _table(raw, at)
     _check_keys(table, _MODEL_KEYS, at)
 
@@ -433,7 +309,7 @@ def _parse_model(name: str, raw: Any, path: str, kinds: Callable[[], tuple[str, 
         raise ConfigError(
             f"{at}: missing required key 'recipe' (the worker kind; one of {', '.join(kinds())})"
         )
-    kind = _as_str(table["recipe"], f"{at} recipe", "a worker kind name")
+    kind = as_str(table["recipe"], f"{at} recipe", "a worker kind name")
     if kind not in kinds():
         raise ConfigError(
             f"{at} recipe: unknown worker kind {kind!r}; known kinds: {', '.join(kinds())}"
@@ -445,17 +321,17 @@ def _parse_model(name: str, raw: Any, path: str, kinds: Callable[[], tuple[str, 
 
     device = table.get("device", "auto")
     if not isinstance(device, str) or not DEVICE_RE.match(device):
-        _fail(f"{at} device", "auto, cpu, cuda, cuda:N or npu", device)
+        fail(f"{at} device", "auto, cpu, cuda, cuda:N or npu", device)
 
     idle_timeout_s = None
     if "idle_timeout" in table:
-        idle_timeout_s = _duration(zero_means_never=True)(
+        idle_timeout_s = duration(zero_means_never=True)(
             table["idle_timeout"], f"{at} idle_timeout", False
         )
 
     priority = DEFAULT_PRIORITY_BY_TYPE.get(type_, 1)
     if "priority" in table:
-        priority = _as_int(table["priority"], f"{at} priority", False, "an integer")
+        priority = as_int(table["priority"], f"{at} priority", False, "an integer")
 
     memory_bytes = None
     if "memory" in table:
@@ -466,11 +342,11 @@ def _parse_model(name: str, raw: Any, path: str, kinds: Callable[[], tuple[str, 
 
     group = None
     if "group" in table:
-        group = _as_str(table["group"], f"{at} group", "the name of a [groups.NAME] table")
+        group = as_str(table["group"], f"{at} group", "the name of a [groups.NAME] table")
 
     max_concurrency = 4
     if "max_concurrency" in table:
-        max_concurrency = _parse_positive_int(
+        max_concurrency = parse_positive_int(
             table["max_concurrency"], f"{at} max_concurrency", False
         )
 
@@ -483,9 +359,9 @@ def _parse_model(name: str, raw: Any, path: str, kinds: Callable[[], tuple[str, 
         priority=priority,
         memory_bytes=memory_bytes,
         group=group,
-        pinned=_as_bool(table.get("pinned", False), f"{at} pinned"),
-        preload=_as_bool(table.get("preload", False), f"{at} preload"),
-        warmup=_as_bool(table.get("warmup", False), f"{at} warmup"),
+        pinned=as_bool(table.get("pinned", False), f"{at} pinned"),
+        preload=as_bool(table.get("preload", False), f"{at} preload"),
+        warmup=as_bool(table.get("warmup", False), f"{at} warmup"),
         max_concurrency=max_concurrency,
         options=options,
         source=path,
@@ -496,7 +372,7 @@ def _parse_per_type(value: Any, where: str) -> dict[str, int]:
     table = _table(value, where)
     _check_keys(table, MODEL_TYPES, where)
     return {
-        type_: _parse_positive_int(count, f"{where}.{type_}", False)
+        type_: parse_positive_int(count, f"{where}.{type_}", False)
         for type_, count in table.items()
     }
 
@@ -544,10 +420,10 @@ class _Builder:
             self._define("group", name, path)
             at = f"{path}: [groups.{name}]"
             if not MODEL_NAME_RE.match(name):
-                _fail(at, f"a group name matching {MODEL_NAME_RE.pattern}", name)
+                fail(at, f"a group name matching {MODEL_NAME_RE.pattern}", name)
             table = _table(raw, at)
             _check_keys(table, _GROUP_KEYS, at)
-            exclusive = _as_bool(table.get("exclusive", False), f"{at} exclusive")
+            exclusive = as_bool(table.get("exclusive", False), f"{at} exclusive")
             self.groups[name] = Group(name=name, exclusive=exclusive)
         for name, raw in _table(data.get("models", {}), f"{path}: [models]").items():
             self._define("model", name, path)
