@@ -88,7 +88,8 @@ class Slot:
     waiters: int = 0  # requests waiting for a load in progress
     admitted: bool = False  # the planner made room; ``reserved_bytes`` is held
     reserved_bytes: int = 0
-    load_future: asyncio.Future[None] | None = None
+    load_future: asyncio.Future[None] | None = None  # what requests joining the load await
+    load_task: asyncio.Task[None] | None = None
     stop_task: asyncio.Task[None] | None = None
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     spawn_seq: int = 0

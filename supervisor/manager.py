@@ -274,14 +274,10 @@ class Manager:
             self.runtime_global_idle_timeout_s = seconds
             slots: Iterable[Slot] = self.slots.values()
         else:
-            slot = self.slot(name)
-            slot.runtime_idle_timeout_s = seconds
-            slot.request_idle_timeout_s = None  # the newer instruction wins
-            slots = [slot]
-        if name is None:
-            for slot in self.slots.values():
-                slot.request_idle_timeout_s = None
+            slots = [self.slot(name)]
+            slots[0].runtime_idle_timeout_s = seconds
         for slot in slots:
+            slot.request_idle_timeout_s = None  # the newer instruction wins
             if slot.state is State.READY and not slot.busy:
                 self._became_idle(slot)
 
@@ -350,11 +346,11 @@ class Manager:
         slot.device = None
 
     async def _cancel_load(self, slot: Slot, reason: str) -> None:
-        for task in list(self._tasks):
-            if task.get_name() == f"load-{slot.name}":
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
+        task = slot.load_task
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
         slot.last_eviction = {"reason": reason, "at": time.time()}
 
     # ================================================================ loading
@@ -364,7 +360,7 @@ class Manager:
         slot.transition(State.LOADING)
         slot.load_future = asyncio.get_running_loop().create_future()
         slot.load_future.add_done_callback(_consume_exception)
-        self._spawn_task(self._load(slot), f"load-{slot.name}")
+        slot.load_task = self._spawn_task(self._load(slot), f"load-{slot.name}")
 
     async def _load(self, slot: Slot) -> None:
         assert slot.load_future is not None
