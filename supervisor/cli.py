@@ -54,6 +54,9 @@ def main() -> None:
               help="Model to load at start; repeatable. [env LEMONADE_PRELOAD, comma-separated]")
 @click.option("--default-model",
               help="Model for the seed-compatible routes. [env LEMONADE_DEFAULT_MODEL]")
+@click.option("--data-dir",
+              help="Folder for worker caches (converted weights). "
+                   "[env LEMONADE_DATA_DIR; default .lemonade next to the config file]")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               help="[env LEMONADE_LOG_LEVEL; default info]")
 def serve(**options: Any) -> None:

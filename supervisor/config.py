@@ -37,6 +37,7 @@ from supervisor.config_values import (
     parse_log_level,
     parse_max_loaded,
     parse_model_name,
+    parse_path,
     parse_port,
     parse_positive_int,
     parse_preload,
@@ -154,6 +155,8 @@ class Settings:
     preload: tuple[str, ...] = ()
     groups: Mapping[str, Group] = field(default_factory=FrozenDict)
     models: Mapping[str, Recipe] = field(default_factory=FrozenDict)
+    #: Where workers keep caches (converted weights, assembled models); made on first use.
+    data_dir: str = ".lemonade"
     config_path: str | None = None
     sources: Mapping[str, str] = field(default_factory=FrozenDict)
 
@@ -201,6 +204,7 @@ _SERVER_KEYS: tuple[_ServerKey, ...] = tuple(
         ("heartbeat_interval", "heartbeat_interval_s", duration(positive=True), ""),
         ("log_level", "log_level", parse_log_level, ""),
         ("preload", "preload", parse_preload, ""),
+        ("data_dir", "data_dir", parse_path, ""),
     )
 )
 _SERVER_FILE_KEYS = (*(k.key for k in _SERVER_KEYS), "max_loaded_per_type")
@@ -523,6 +527,25 @@ def _cross_check(b: _Builder) -> None:
         )
 
 
+def _anchor_data_dir(b: _Builder, config_path: Path | None, cwd: Path) -> None:
+    """Make ``data_dir`` absolute: a file's relative path is taken from that file's folder.
+
+    The default, ``.lemonade``, sits next to the config file (or in the working directory
+    when there is none), so caches stay with the project rather than in the user's home.
+    """
+    raw = Path(b.values.get("data_dir", Settings.data_dir)).expanduser()
+    source = b.sources["data_dir"]
+    if raw.is_absolute():
+        path = raw
+    elif source.startswith("file "):
+        path = Path(source.removeprefix("file ")).parent / raw
+    elif source == "default" and config_path is not None:
+        path = config_path.parent / raw
+    else:  # env, CLI, or no config file: the working directory
+        path = cwd / raw
+    b.values["data_dir"] = str(path.resolve())
+
+
 def load_settings(
     *,
     cli: Mapping[str, Any] | None = None,
@@ -583,6 +606,7 @@ def load_settings(
             builder.set(key.field, value, f"cli {key.flag}", where)
 
     _cross_check(builder)
+    _anchor_data_dir(builder, config_path, base)
     return Settings(
         **builder.values,
         groups=builder.groups,

@@ -126,6 +126,14 @@ def parse_model_name(value: Any, where: str, textual: bool) -> str:
     return name
 
 
+def parse_path(value: Any, where: str, textual: bool) -> str:
+    expected = "a directory path"
+    path = as_str(value, where, expected).strip()
+    if not path or "\0" in path:
+        fail(where, expected, value)
+    return path
+
+
 def parse_log_level(value: Any, where: str, textual: bool) -> str:
     expected = "one of " + ", ".join(LOG_LEVELS)
     level = as_str(value, where, expected).lower()

@@ -505,7 +505,7 @@ class Manager:
             worker = await WorkerProcess.spawn(
                 model=recipe.name, kind=recipe.kind, runtime_dir=self.runtime_dir,
                 seq=slot.spawn_seq, handshake_timeout_s=self.settings.load_timeout_s,
-                max_concurrency=recipe.max_concurrency,
+                max_concurrency=recipe.max_concurrency, data_dir=self.settings.data_dir,
             )
         except GatewayTimeout:
             raise self._load_timeout() from None

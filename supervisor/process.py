@@ -52,13 +52,17 @@ _SUN_PATH_MAX = 107
 _STDERR_TAIL_LINES = 40
 
 
-def worker_environment(source: dict[str, str] | None = None) -> dict[str, str]:
+def worker_environment(
+    source: dict[str, str] | None = None, *, data_dir: str | None = None
+) -> dict[str, str]:
     env = os.environ if source is None else source
     out = {
         k: v for k, v in env.items() if k in ENV_ALLOW or k.startswith(ENV_ALLOW_PREFIXES)
     }
     out["PYTHONUNBUFFERED"] = "1"
     out["HF_HUB_OFFLINE"] = "1"  # a hub call must fail fast, not hang on a closed network
+    if data_dir is not None:
+        out["LEMONADE_DATA_DIR"] = data_dir  # the supervisor's own value, not the user's env
     return out
 
 
@@ -106,6 +110,7 @@ class WorkerProcess:
         handshake_timeout_s: float,
         max_concurrency: int = 1,
         env: dict[str, str] | None = None,
+        data_dir: str | None = None,
     ) -> WorkerProcess:
         path = runtime_dir / f"{model}.{seq}.sock"
         if len(os.fsencode(path)) > _SUN_PATH_MAX:
@@ -132,7 +137,7 @@ class WorkerProcess:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,
-                env=worker_environment() if env is None else env,
+                env=worker_environment(data_dir=data_dir) if env is None else env,
             )
             assert proc.stdout is not None and proc.stderr is not None
             forwarders = [

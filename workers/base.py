@@ -11,10 +11,12 @@ notices cancellation through the small context objects below, so it never touche
 
 from __future__ import annotations
 
+import os
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 from workers.protocol import ErrorCode
@@ -105,3 +107,16 @@ class Model(ABC):
 def invalid(message: str) -> ModelError:
     """Shorthand for the common 400-class error."""
     return ModelError(ErrorCode.INVALID_REQUEST, message)
+
+
+def data_dir(kind: str) -> Path:
+    """This kind's cache folder under the supervisor's data dir (created on first use).
+
+    Kinds keep what is expensive to rebuild here (converted weights, assembled models) instead
+    of a library's default cache in the user's home. Without a supervisor (a kind run by hand)
+    it falls back to ``.lemonade`` in the working directory.
+    """
+    base = Path(os.environ.get("LEMONADE_DATA_DIR") or ".lemonade")
+    path = base / kind
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path

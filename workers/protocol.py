@@ -25,7 +25,14 @@ PROTOCOL_VERSION = 1
 
 #: Worker kinds that ship with the project: kind name -> the model type it serves by default
 #: (``None``: the recipe must say, through ``type`` or ``options.type``).
-BUILTIN_KINDS: Mapping[str, str | None] = {"synthetic": "tts"}
+BUILTIN_KINDS: Mapping[str, str | None] = {
+    "synthetic": "tts",
+    "kokoro": "tts",
+    "kokoro-onnx": "tts",
+    "llm": "llm",
+    "embedding": "embedding",
+    "asr": "asr",
+}
 
 MODEL_TYPES: tuple[str, ...] = ("llm", "tts", "asr", "embedding")
 

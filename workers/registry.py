@@ -19,7 +19,14 @@ from workers.base import Model
 ENTRY_POINT_GROUP = "lemonade.workers"
 
 #: Kinds that ship with the project: name -> ``"module:attribute"``.
-BUILTIN: Mapping[str, str] = MappingProxyType({"synthetic": "workers.synthetic:SyntheticModel"})
+BUILTIN: Mapping[str, str] = MappingProxyType({
+    "synthetic": "workers.synthetic:SyntheticModel",
+    "kokoro": "workers.kokoro_tts:KokoroModel",
+    "kokoro-onnx": "workers.kokoro_onnx:KokoroOnnxModel",
+    "llm": "workers.llm:CausalLMModel",
+    "embedding": "workers.embedding:EmbeddingModel",
+    "asr": "workers.asr:WhisperModel",
+})
 
 
 class UnknownKindError(KeyError):

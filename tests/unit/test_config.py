@@ -60,7 +60,7 @@ def error(tmp_path: Path, text: str | None = None, **kwargs: Any) -> str:
 
 def test_defaults_without_any_file(tmp_path: Path) -> None:
     settings = load(tmp_path)
-    assert settings == Settings(sources=settings.sources)
+    assert settings == Settings(sources=settings.sources, data_dir=str(tmp_path / ".lemonade"))
     assert settings.config_path is None
     assert settings.models == {} and settings.groups == {}
     assert settings.auto_unload_timer_s == 300.0
@@ -196,6 +196,7 @@ load_failure_cooldown_max = "10m"
 heartbeat_interval = "500ms"
 log_level = "DEBUG"
 preload = ["tts1"]
+data_dir = "/var/cache/lemonade"
 """
     + MINIMAL_MODEL
 )
@@ -219,6 +220,7 @@ def test_every_server_key_from_file(tmp_path: Path) -> None:
     assert s.heartbeat_interval_s == 0.5
     assert s.log_level == "debug"
     assert s.preload == ("tts1",)
+    assert s.data_dir == "/var/cache/lemonade"
     file_source = f"file {tmp_path / 'lemonade.toml'}"
     assert all(source == file_source for name, source in s.sources.items() if name != "api_key")
 
@@ -785,3 +787,35 @@ def test_direct_construction_is_frozen_too() -> None:
     assert settings.preload == ("a",)
     with pytest.raises(TypeError):
         settings.models.pop("a")  # type: ignore[attr-defined]
+
+
+def test_data_dir_defaults_next_to_the_config_file(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "lemonade.toml").write_text("[server]\nport = 8001\n")
+    settings = load_settings(cli={"config": "project/lemonade.toml"}, env={}, cwd=tmp_path)
+    assert settings.data_dir == str(project / ".lemonade")
+
+
+def test_data_dir_relative_to_the_file_that_sets_it(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "lemonade.toml").write_text('[server]\ndata_dir = "cache/here"\n')
+    settings = load_settings(cli={"config": "project/lemonade.toml"}, env={}, cwd=tmp_path)
+    assert settings.data_dir == str(project / "cache" / "here")
+    assert settings.sources["data_dir"].startswith("file ")
+
+
+def test_data_dir_from_env_and_cli_is_relative_to_the_working_directory(tmp_path: Path) -> None:
+    env_set = load_settings(env={"LEMONADE_DATA_DIR": "envdir"}, cwd=tmp_path)
+    assert env_set.data_dir == str(tmp_path / "envdir")
+    cli_set = load_settings(cli={"data_dir": "/abs/dir"}, env={"LEMONADE_DATA_DIR": "x"},
+                            cwd=tmp_path)
+    assert cli_set.data_dir == "/abs/dir"
+    assert cli_set.sources["data_dir"] == "cli --data-dir"
+
+
+def test_data_dir_rejects_an_empty_path(tmp_path: Path) -> None:
+    (tmp_path / "lemonade.toml").write_text('[server]\ndata_dir = ""\n')
+    with pytest.raises(ConfigError, match="data_dir: expected a directory path"):
+        load_settings(env={}, cwd=tmp_path)
