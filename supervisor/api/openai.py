@@ -17,6 +17,7 @@ from aiohttp import web
 from supervisor.api.body import read_body
 from supervisor.api.keys import MANAGER, STARTED_AT
 from supervisor.errors import BadRequest, LemonadeError, WorkerFailed
+from supervisor.manager import Manager
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +73,7 @@ async def speech(request: web.Request) -> web.StreamResponse:
         del args["voice"]  # the model's default voice
     stream_audio = body.boolean("stream", default=False)
     keep_alive = body.keep_alive()
-    slot = manager.slot(model)
-    if slot.recipe.type != "tts":
-        raise BadRequest(
-            f"model '{model}' is a {slot.recipe.type} model; /v1/audio/speech needs a tts model",
-            code="model_not_supported",
-        )
+    require_model_type(manager, model, "tts", request.path)
     content_type = AUDIO_CONTENT_TYPES[str(args["response_format"])]
     started = time.monotonic()
     async with manager.use(model, keep_alive_s=keep_alive) as lease:
@@ -111,6 +107,16 @@ async def speech(request: web.Request) -> web.StreamResponse:
                 return response
             await response.write_eof()
             return response
+
+
+def require_model_type(manager: Manager, model: str, model_type: str, route: str) -> None:
+    """404 for an unknown model, 400 when the model exists but serves another type."""
+    slot = manager.slot(model)
+    if slot.recipe.type != model_type:
+        raise BadRequest(
+            f"model '{model}' is a {slot.recipe.type} model; {route} needs a {model_type} model",
+            code="model_not_supported",
+        )
 
 
 def _audio_bytes(chunk: object, model: str) -> bytes:
