@@ -40,9 +40,10 @@ MODEL_TYPES: tuple[str, ...] = ("llm", "tts", "asr", "embedding")
 #: A kind without a warmup answers ``unsupported``, which the supervisor accepts.
 WARMUP_OP = "warmup"
 
-#: Frames from a worker carry audio and embeddings; frames to a worker carry requests.
+#: Frames from a worker carry audio and embeddings; frames to a worker carry requests,
+#: including a whole audio upload for transcription (up to 25 MB, OpenAI's limit).
 MAX_WORKER_FRAME_BYTES = 16 * 1024 * 1024
-MAX_SUPERVISOR_FRAME_BYTES = 4 * 1024 * 1024
+MAX_SUPERVISOR_FRAME_BYTES = 32 * 1024 * 1024
 #: A body that starts arriving must finish within this many seconds (slow-drip defence).
 FRAME_BODY_DEADLINE_S = 30.0
 #: Message schemas are shallow; anything nested deeper than this is hostile.
