@@ -72,6 +72,9 @@ async def speech(request: web.Request) -> web.StreamResponse:
     if args["voice"] is None:
         del args["voice"]  # the model's default voice
     stream_audio = body.boolean("stream", default=False)
+    # The worker needs to know: a whole file carries its length in the header, a stream
+    # cannot, and some formats can only be produced whole.
+    args["stream"] = stream_audio
     keep_alive = body.keep_alive()
     require_model_type(manager, model, "tts", request.path)
     content_type = AUDIO_CONTENT_TYPES[str(args["response_format"])]
@@ -107,6 +110,43 @@ async def speech(request: web.Request) -> web.StreamResponse:
                 return response
             await response.write_eof()
             return response
+
+
+@routes.get("/v1/audio/voices")
+async def voices(request: web.Request) -> web.Response:
+    """The voices a speech model offers (``?model=NAME``; default: the default model).
+
+    The list comes from the worker, so it is what the loaded weights really have; asking
+    loads the model if it is not resident, like any other request for it.
+    """
+    manager = request.app[MANAGER]
+    model = request.query.get("model") or _default_tts_model(manager)
+    require_model_type(manager, model, "tts", request.path)
+    async with manager.use(model) as lease:
+        call = lease.channel.call("voices", {}, timeout_s=manager.settings.call_timeout_s)
+        async with call:
+            await call.collect()
+    result = call.result if isinstance(call.result, dict) else {}
+    names = result.get("voices")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise WorkerFailed(f"worker for '{model}' sent a malformed voice list")
+    return web.json_response({
+        "model": model,
+        "voices": names,
+        "default": result.get("default"),
+        "data": [{"id": name, "name": name, "object": "voice"} for name in names],
+    })
+
+
+def _default_tts_model(manager: Manager) -> str:
+    default = manager.settings.default_model
+    if default is not None and manager.slot(default).recipe.type == "tts":
+        return default
+    speech = [s.name for s in manager.slots.values() if s.recipe.type == "tts"]
+    if len(speech) == 1:
+        return speech[0]
+    raise BadRequest("query parameter 'model' is required: name one of the speech models ("
+                     + (", ".join(speech) or "none configured") + ")")
 
 
 def require_model_type(manager: Manager, model: str, model_type: str, route: str) -> None:

@@ -1,0 +1,390 @@
+"""The ``kokoro`` worker kind: hexgrad's Kokoro-82M text-to-speech through the ``kokoro`` package.
+
+The model lives only in this worker process, so unloading it (ending the process) returns
+everything it held: weights, activations, the CUDA context and the allocator's cache.
+
+Recipe options (all optional)::
+
+    weights     "random" | path to a .pth state dict | a Hugging Face repo id
+                ("hexgrad/Kokoro-82M"; only from the local HF cache unless HF_HUB_OFFLINE=0)
+                default "random": the real Kokoro-82M architecture (81.8M parameters, same
+                code path, memory and speed) with random weights, for machines without them
+    config      path to Kokoro's config.json (default: next to the weights, else the shipped
+                Kokoro-82M config in workers/data)
+    voices_dir  folder of <voice>.pt style packs (default: "voices" next to the weights;
+                with random weights, seeded random packs for Kokoro's English voice names)
+    voice       the default voice (default "af_heart")
+    lang        "a" American or "b" British English (default "a")
+    g2p         "auto" | "misaki" | "espeak" (default "auto": misaki+spaCy if installed)
+    seed        seed for random weights and voices (default 0)
+
+Speech requests follow the contract shared with ``kokoro-onnx`` (see ``call``): text is cut
+into sentences of at most 510 phonemes, each synthesised and, when streaming, encoded and
+sent at once; a cancelled call stops before the next sentence.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import zlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+from workers.audio import FORMATS, AudioStream, encode
+from workers.base import (
+    CallContext,
+    LoadContext,
+    LoadRequest,
+    LoadResult,
+    Model,
+    ModelError,
+    data_dir,
+    invalid,
+)
+from workers.english_g2p import EnglishPhonemizer
+from workers.protocol import WARMUP_OP, ErrorCode
+from workers.voice_spec import parse_voice_spec
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 24000
+MAX_INPUT_CHARS = 4096
+MIN_SPEED, MAX_SPEED = 0.25, 4.0
+DEFAULT_VOICE = "af_heart"
+SHIPPED_CONFIG = Path(__file__).with_name("data") / "kokoro-82m-config.json"
+#: Kokoro-82M's English voices; with random weights each gets a seeded random style pack.
+ENGLISH_VOICES: tuple[str, ...] = (
+    "af_alloy", "af_aoede", "af_bella", "af_heart", "af_jessica", "af_kore", "af_nicole",
+    "af_nova", "af_river", "af_sarah", "af_sky", "am_adam", "am_echo", "am_eric", "am_fenrir",
+    "am_liam", "am_michael", "am_onyx", "am_puck", "am_santa", "bf_alice", "bf_emma",
+    "bf_isabella", "bf_lily", "bm_daniel", "bm_fable", "bm_george", "bm_lewis",
+)
+#: A style pack holds one 256-float style per phoneme count (1..510).
+_PACK_SHAPE = (510, 1, 256)
+_OPTIONS = ("weights", "config", "voices_dir", "voice", "lang", "g2p", "seed")
+_REPO_ID = "hexgrad/Kokoro-82M"
+
+
+def _bad_config(message: str) -> ModelError:
+    return ModelError(ErrorCode.BAD_CONFIG, message)
+
+
+class KokoroModel(Model):
+    kind: ClassVar[str] = "kokoro"
+
+    def __init__(self) -> None:
+        self._model: Any = None
+        self._phonemizer: EnglishPhonemizer | None = None
+        self._voices: dict[str, Any] = {}  # name -> CPU pack, or None until first use
+        self._voices_dir: Path | None = None
+        self._default_voice = DEFAULT_VOICE
+        self._device = "cpu"
+        # One forward pass at a time: on a CPU they only fight over the same cores, and on a
+        # GPU they would serialise anyway. Taken per sentence, so requests interleave.
+        self._forward_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ load
+
+    def load(self, request: LoadRequest, ctx: LoadContext) -> LoadResult:
+        options = dict(request.options)
+        unknown = sorted(set(options) - set(_OPTIONS))
+        if unknown:
+            raise _bad_config(f"unknown option(s) {', '.join(unknown)}; "
+                              f"known: {', '.join(_OPTIONS)}")
+        device = self._pick_device(request.device)
+        lang = str(options.get("lang", "a"))
+        if lang not in ("a", "b"):
+            raise _bad_config(
+                f'option lang: expected "a" (American) or "b" (British); got {lang!r}'
+            )
+        g2p = str(options.get("g2p", "auto"))
+        if g2p not in ("auto", "misaki", "espeak"):
+            raise _bad_config(f"option g2p: expected auto, misaki or espeak; got {g2p!r}")
+        seed = options.get("seed", 0)
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise _bad_config(f"option seed: expected an integer; got {seed!r}")
+        weights = str(options.get("weights", "random"))
+        config_path, weights_path, weights_label = self._locate(weights, options.get("config"))
+
+        ctx.progress(0.05, "importing torch and kokoro")
+        import torch
+        from kokoro import KModel
+
+        ctx.progress(0.2, "building Kokoro-82M")
+        config = self._read_config(config_path)
+        if weights == "random":
+            torch.manual_seed(seed)
+            weights_path = self._empty_state_dict()
+        started = time.monotonic()
+        try:
+            model = KModel(repo_id=_REPO_ID, config=config, model=str(weights_path))
+        except (RuntimeError, KeyError, ValueError, OSError) as e:
+            raise ModelError(ErrorCode.LOAD_FAILED,
+                             f"could not load Kokoro weights from {weights_label}: {e}") from e
+        if weights == "random":
+            _natural_pace(model)
+        self._model = model.to(device).eval()
+        self._device = device
+        log.info("Kokoro-82M built in %.2fs on %s", time.monotonic() - started, device)
+
+        ctx.progress(0.7, "loading the English G2P")
+        try:
+            self._phonemizer = EnglishPhonemizer(british=lang == "b", backend=g2p)
+        except RuntimeError as e:
+            raise _bad_config(f"option g2p: {e}") from e
+
+        ctx.progress(0.9, "finding voices")
+        self._find_voices(weights_path if weights != "random" else None,
+                          options.get("voices_dir"), seed)
+        voice = str(options.get("voice", DEFAULT_VOICE))
+        if voice not in self._voices:
+            raise _bad_config(f"option voice: {voice!r} is not one of the voices found "
+                              f"({', '.join(sorted(self._voices)) or 'none'})")
+        self._default_voice = voice
+        params = sum(p.numel() for p in self._model.parameters())
+        return LoadResult(device=device, info={
+            "weights": weights_label,
+            "parameters": params,
+            "g2p": self._phonemizer.backend,
+            "voices": len(self._voices),
+            "default_voice": voice,
+            "sample_rate": SAMPLE_RATE,
+        })
+
+    @staticmethod
+    def _pick_device(requested: str) -> str:
+        import torch
+
+        if requested == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if requested == "cpu":
+            return "cpu"
+        if requested == "cuda" or requested.startswith("cuda:"):
+            if not torch.cuda.is_available():
+                raise _bad_config(f"device {requested!r}: this worker sees no CUDA device")
+            return requested
+        raise _bad_config(f"device {requested!r}: the kokoro kind runs on auto, cpu or cuda[:N]")
+
+    @staticmethod
+    def _locate(weights: str, config: Any) -> tuple[Path | None, Path | None, str]:
+        """(config file or None for the hub's, weights file or None for random, a label)."""
+        if config is not None:
+            config_path = Path(str(config)).expanduser()
+            if not config_path.is_file():
+                raise _bad_config(f"option config: no file at {config_path}")
+        else:
+            config_path = None
+        if weights == "random":
+            return config_path or SHIPPED_CONFIG, None, "random"
+        path = Path(weights).expanduser()
+        if path.suffix == ".pth" or os.sep in weights or weights.startswith("."):
+            if not path.is_file():
+                raise _bad_config(f"option weights: no file at {path} (use \"random\" to run "
+                                  "without weights, or the path of kokoro-v1_0.pth)")
+            if config_path is None:
+                beside = path.with_name("config.json")
+                config_path = beside if beside.is_file() else SHIPPED_CONFIG
+            return config_path, path, str(path)
+        # A hub repo id: only what the local Hugging Face cache holds (workers run offline).
+        from huggingface_hub import hf_hub_download
+
+        try:
+            file = hf_hub_download(repo_id=weights, filename="kokoro-v1_0.pth")
+            if config_path is None:
+                config_path = Path(hf_hub_download(repo_id=weights, filename="config.json"))
+        except Exception as e:
+            raise _bad_config(
+                f"option weights: {weights!r} is not a file and could not be fetched from the "
+                f"Hugging Face hub or its local cache ({type(e).__name__}); give a local path "
+                "or \"random\""
+            ) from e
+        return config_path, Path(file), weights
+
+    @staticmethod
+    def _read_config(path: Path | None) -> dict[str, Any]:
+        assert path is not None
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise _bad_config(f"option config: cannot read {path}: {e}") from e
+        if not isinstance(config, dict) or "vocab" not in config:
+            raise _bad_config(f"option config: {path} is not a Kokoro config (no vocab)")
+        return config
+
+    @staticmethod
+    def _empty_state_dict() -> Path:
+        """An empty state dict: KModel loads nothing and keeps its (seeded) random init."""
+        import torch
+
+        path = data_dir("kokoro") / "empty-state-dict.pth"
+        if not path.exists():
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            torch.save({}, tmp)
+            tmp.replace(path)
+        return path
+
+    def _find_voices(self, weights_path: Path | None, voices_dir: Any, seed: int) -> None:
+        """Real weights: packs from ``voices_dir`` or ``voices/`` beside the weights (read on
+        first use). Random weights: seeded random packs for Kokoro's English voice names."""
+        if voices_dir is not None:
+            folder = Path(str(voices_dir)).expanduser()
+            if not folder.is_dir():
+                raise _bad_config(f"option voices_dir: no folder at {folder}")
+        elif weights_path is not None and (weights_path.parent / "voices").is_dir():
+            folder = weights_path.parent / "voices"
+        else:
+            folder = None
+        if folder is not None:
+            self._voices_dir = folder
+            self._voices = {p.stem: None for p in sorted(folder.glob("*.pt"))}
+            if not self._voices:
+                raise _bad_config(f"option voices_dir: {folder} holds no <voice>.pt files")
+            return
+        if weights_path is not None:
+            raise _bad_config("option voices_dir: real weights need their voice packs; give "
+                              "the folder of <voice>.pt files")
+        import torch
+
+        for name in ENGLISH_VOICES:
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            self._voices[name] = 0.1 * torch.randn(_PACK_SHAPE, generator=generator)
+
+    def _pack(self, name: str) -> Any:
+        pack = self._voices[name]
+        if pack is None:
+            import torch
+
+            assert self._voices_dir is not None
+            path = self._voices_dir / f"{name}.pt"
+            try:
+                pack = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise ModelError(ErrorCode.INTERNAL, f"cannot read voice pack {path}: {e}") from e
+            if tuple(pack.shape)[-1] != _PACK_SHAPE[-1]:
+                raise ModelError(ErrorCode.INTERNAL, f"voice pack {path} has shape "
+                                 f"{tuple(pack.shape)}, not (510, 1, 256)")
+            self._voices[name] = pack
+        return pack
+
+    # ------------------------------------------------------------------ calls
+
+    def call(self, op: str, args: Mapping[str, Any], ctx: CallContext) -> Any:
+        if op == "voices":
+            return {"voices": sorted(self._voices), "default": self._default_voice}
+        if op == WARMUP_OP:
+            return self._speak({"input": "Warm up.", "response_format": "pcm"}, ctx,
+                               emit=False)
+        if op == "speech":
+            return self._speak(args, ctx, emit=True)
+        raise ModelError(ErrorCode.UNSUPPORTED, f"the kokoro kind has no op {op!r}")
+
+    def _speak(self, args: Mapping[str, Any], ctx: CallContext, *, emit: bool) -> dict[str, Any]:
+        import numpy as np
+        import torch
+
+        text, fmt, speed, stream = _speech_args(args)
+        blend = parse_voice_spec(str(args.get("voice") or self._default_voice), self._voices)
+        style = sum(weight * self._pack(name) for name, weight in blend)
+        assert self._phonemizer is not None and self._model is not None
+        encoder = AudioStream(fmt, SAMPLE_RATE) if stream else None
+        pieces: list[Any] = []
+        seconds = 0.0
+        chunks = 0
+        for chunk in self._phonemizer.chunks(text):
+            ctx.check_cancelled()
+            ref = style[len(chunk.phonemes) - 1].to(self._device)
+            with self._forward_lock, torch.inference_mode():
+                ctx.check_cancelled()
+                audio = self._model(chunk.phonemes, ref, speed).float().cpu().numpy()
+            chunks += 1
+            seconds += len(audio) / SAMPLE_RATE
+            if encoder is not None:
+                piece = encoder.write(audio)
+                if piece and emit:
+                    ctx.emit(piece)
+            else:
+                pieces.append(audio)
+        if chunks == 0:
+            raise invalid("input has nothing to speak (no pronounceable words)")
+        if encoder is not None:
+            tail = encoder.close()
+            if tail and emit:
+                ctx.emit(tail)
+        elif emit:
+            ctx.emit(encode(np.concatenate(pieces), SAMPLE_RATE, fmt))
+        return {"sample_rate": SAMPLE_RATE, "seconds": round(seconds, 3), "chunks": chunks}
+
+    def vram_bytes(self) -> int:
+        if not self._device.startswith("cuda"):
+            return 0
+        import torch
+
+        reserved = int(torch.cuda.memory_reserved())
+        return max(reserved, _nvml_process_bytes())
+
+
+#: Frames per phoneme that real Kokoro speech averages (about 12 phonemes a second).
+_FRAMES_PER_PHONEME = 3.3
+
+
+def _natural_pace(model: Any) -> None:
+    """Give random weights the real model's speaking rate.
+
+    Kokoro predicts each phoneme's length as the sum of ``max_dur`` sigmoids; random weights
+    put each near 0.5, i.e. ~25 frames a phoneme, eight times slower speech than the real
+    model, which would make audio length and synthesis time meaningless for tests and
+    benchmarks. Zeroing the duration head's weights and setting its bias fixes the sum at a
+    natural 3.3 frames; every other weight stays random.
+    """
+    import math
+
+    import torch
+
+    layer = model.predictor.duration_proj.linear_layer
+    per_sigmoid = _FRAMES_PER_PHONEME / layer.out_features
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.bias.fill_(math.log(per_sigmoid / (1 - per_sigmoid)))
+
+
+def _nvml_process_bytes() -> int:
+    """This process's GPU memory as the driver sees it (context included), if NVML exists."""
+    try:
+        import pynvml  # from nvidia-ml-py, optional
+    except ImportError:
+        return 0
+    try:
+        pynvml.nvmlInit()
+        try:
+            total = 0
+            for index in range(pynvml.nvmlDeviceGetCount()):
+                handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+                for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                    if proc.pid == os.getpid() and proc.usedGpuMemory:
+                        total += int(proc.usedGpuMemory)
+            return total
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # NVML present but unusable (no driver, no permission): not fatal
+        return 0
+
+
+def _speech_args(args: Mapping[str, Any]) -> tuple[str, str, float, bool]:
+    text = args.get("input")
+    if not isinstance(text, str) or not text.strip():
+        raise invalid("input must be a non-empty string")
+    if len(text) > MAX_INPUT_CHARS:
+        raise invalid(f"input is longer than {MAX_INPUT_CHARS} characters")
+    fmt = args.get("response_format", "wav")
+    if fmt not in FORMATS:
+        raise invalid(f"response_format must be one of {', '.join(FORMATS)}; got {fmt!r}")
+    speed = args.get("speed", 1.0)
+    if (not isinstance(speed, int | float) or isinstance(speed, bool)
+            or not MIN_SPEED <= speed <= MAX_SPEED):
+        raise invalid(f"speed must be a number from {MIN_SPEED} to {MAX_SPEED}; got {speed!r}")
+    return text, str(fmt), float(speed), bool(args.get("stream", False))
