@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from supervisor.api import admin, compat, openai, transcriptions
+from supervisor.api import admin, chat, compat, embeddings, openai, transcriptions
 from supervisor.api.keys import MANAGER, METRICS, SETTINGS, SHUTTING_DOWN, STARTED_AT
 from supervisor.api.security import add_cors_headers, auth_middleware, loopback_only
 from supervisor.config import Settings, is_loopback_host
@@ -86,6 +86,8 @@ def create_app(settings: Settings, *, runtime_base: str | None = None) -> web.Ap
     app[SHUTTING_DOWN] = asyncio.Event()
     app.add_routes(openai.routes)
     app.add_routes(admin.routes)
+    app.add_routes(embeddings.routes)
+    app.add_routes(chat.routes)
     app.add_routes(compat.routes)
     app.add_routes(transcriptions.routes)
 

@@ -1,0 +1,123 @@
+"""``POST /v1/embeddings``: OpenAI's embeddings endpoint, served by an ``embedding`` model.
+
+The request is checked here before any model is loaded (a bad field is a 400 naming it), then
+again by the worker. The worker sends each vector as little-endian float32 bytes; this route
+answers them as JSON floats, or, for ``encoding_format="base64"``, as base64 of those very
+bytes, which is what OpenAI returns and what the ``openai`` client decodes.
+"""
+
+from __future__ import annotations
+
+import array
+import base64
+import sys
+from typing import Any
+
+from aiohttp import web
+
+from supervisor.api.body import read_body
+from supervisor.api.keys import MANAGER
+from supervisor.api.openai import require_model_type
+from supervisor.errors import BadRequest, WorkerFailed
+
+routes = web.RouteTableDef()
+
+#: OpenAI's own limits: 2048 inputs per request.
+MAX_INPUTS = 2048
+MAX_DIMENSIONS = 65536
+
+
+def _inputs(value: Any) -> list[str]:
+    if value is None:
+        raise BadRequest("'input' is required", code="missing_field")
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise BadRequest("'input' must be a string or an array of strings")
+    if not value:
+        raise BadRequest("'input' must not be an empty array")
+    if len(value) > MAX_INPUTS:
+        raise BadRequest(f"'input' has {len(value)} items; the limit is {MAX_INPUTS}")
+    for i, item in enumerate(value):
+        if isinstance(item, int | list) and not isinstance(item, bool):
+            raise BadRequest("'input' holds token ids; this server embeds text only: send "
+                             "a string or an array of strings")
+        if not isinstance(item, str):
+            raise BadRequest(f"'input[{i}]' must be a string")
+        if not item:
+            raise BadRequest(f"'input[{i}]' must not be an empty string")
+    return value
+
+
+def _dimensions(value: Any) -> int | None:
+    if value is None:
+        return None
+    if type(value) is not int or not 1 <= value <= MAX_DIMENSIONS:
+        raise BadRequest(f"'dimensions' must be a positive integer, got {str(value)[:40]}")
+    return value
+
+
+def vector_bytes(chunk: object, model: str) -> tuple[int, list[bytes]]:
+    if (not isinstance(chunk, dict) or type(chunk.get("index")) is not int
+            or not isinstance(chunk.get("vectors"), list)
+            or not all(isinstance(v, bytes) for v in chunk["vectors"])):
+        raise WorkerFailed(f"worker for '{model}' sent a malformed embeddings chunk")
+    return chunk["index"], chunk["vectors"]
+
+
+def as_floats(raw: bytes) -> list[float]:
+    values = array.array("f")
+    values.frombytes(raw)
+    if sys.byteorder == "big":
+        values.byteswap()
+    return values.tolist()
+
+
+@routes.post("/v1/embeddings")
+async def embeddings(request: web.Request) -> web.Response:
+    manager = request.app[MANAGER]
+    body = await read_body(request)
+    model = body.model_name("model")
+    assert model is not None
+    texts = _inputs(body.data.get("input"))
+    encoding = body.choice("encoding_format", ("float", "base64"), default="float")
+    dimensions = _dimensions(body.data.get("dimensions"))
+    body.string("user", max_len=256)  # accepted and ignored, as a field OpenAI defines
+    keep_alive = body.keep_alive()
+    require_model_type(manager, model, "embedding", request.path)
+    args: dict[str, Any] = {"input": texts}
+    if dimensions is not None:
+        args["dimensions"] = dimensions
+    vectors: list[bytes] = []
+    async with manager.use(model, keep_alive_s=keep_alive) as lease:
+        async with lease.channel.call("embed", args,
+                                      timeout_s=manager.settings.call_timeout_s) as call:
+            async for chunk in call:
+                index, pieces = vector_bytes(chunk, model)
+                if index != len(vectors):
+                    raise WorkerFailed(f"worker for '{model}' sent embeddings out of order")
+                vectors.extend(pieces)
+            result = call.result
+    if len(vectors) != len(texts) or not isinstance(result, dict):
+        raise WorkerFailed(f"worker for '{model}' returned {len(vectors)} embeddings "
+                           f"for {len(texts)} inputs")
+    tokens = result.get("prompt_tokens")
+    tokens = tokens if type(tokens) is int and tokens >= 0 else 0
+    data = [
+        {
+            "object": "embedding",
+            "index": i,
+            "embedding": base64.b64encode(raw).decode("ascii") if encoding == "base64"
+            else as_floats(raw),
+        }
+        for i, raw in enumerate(vectors)
+    ]
+    return web.json_response(
+        {
+            "object": "list",
+            "data": data,
+            "model": model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        },
+        headers={"X-Lemonade-Worker-Pid": str(lease.pid)},
+    )
