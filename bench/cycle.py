@@ -69,10 +69,10 @@ def main() -> None:
     parser.add_argument("--memory-mb", type=int, default=0)
     args = parser.parse_args()
     times = asyncio.run(run(args.cycles, args.memory_mb))
-    print(f"synthetic tts, memory_mb={args.memory_mb}, {args.cycles} cycles")  # noqa: T201
-    print(f"{'phase':<8}{'median ms':>12}{'p95 ms':>10}{'min ms':>10}")  # noqa: T201
+    print(f"synthetic tts, memory_mb={args.memory_mb}, {args.cycles} cycles")
+    print(f"{'phase':<8}{'median ms':>12}{'p95 ms':>10}{'min ms':>10}")
     for phase, values in times.items():
-        print(f"{phase:<8}{statistics.median(values) * 1e3:>12.1f}"  # noqa: T201
+        print(f"{phase:<8}{statistics.median(values) * 1e3:>12.1f}"
               f"{p95(values) * 1e3:>10.1f}{min(values) * 1e3:>10.1f}")
 
 
