@@ -41,6 +41,7 @@ from workers.base import (
     ModelError,
     invalid,
 )
+from workers.ort_setup import import_onnxruntime
 from workers.protocol import WARMUP_OP, ErrorCode
 
 _OPTIONS = ("model", "compute_type", "threads", "beam_size", "max_audio_seconds", "vad_filter",
@@ -139,6 +140,8 @@ class WhisperModel(Model):
         if not isinstance(compute_type, str):
             raise _bad(f"asr option 'compute_type' must be a string, got {compute_type!r:.60}")
 
+        if vad:  # faster-whisper's Silero VAD runs on onnxruntime
+            import_onnxruntime(self.kind)
         ctx.progress(0.1, "importing faster-whisper")
         from faster_whisper import WhisperModel as FasterWhisper
 

