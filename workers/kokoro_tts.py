@@ -96,7 +96,6 @@ class KokoroModel(Model):
         if unknown:
             raise _bad_config(f"unknown option(s) {', '.join(unknown)}; "
                               f"known: {', '.join(_OPTIONS)}")
-        device = self._pick_device(request.device)
         lang = str(options.get("lang", "a"))
         if lang not in ("a", "b"):
             raise _bad_config(
@@ -110,13 +109,14 @@ class KokoroModel(Model):
             raise _bad_config(f"option seed: expected an integer; got {seed!r}")
         weights = str(options.get("weights", "random"))
         config_path, weights_path, weights_label = self._locate(weights, options.get("config"))
+        config = self._read_config(config_path)
 
         ctx.progress(0.05, "importing torch and kokoro")
+        device = self._pick_device(request.device)
         import torch
         from kokoro import KModel
 
         ctx.progress(0.2, "building Kokoro-82M")
-        config = self._read_config(config_path)
         if weights == "random":
             torch.manual_seed(seed)
             weights_path = self._empty_state_dict()
@@ -158,17 +158,19 @@ class KokoroModel(Model):
 
     @staticmethod
     def _pick_device(requested: str) -> str:
+        if requested not in ("auto", "cpu", "cuda") and not requested.startswith("cuda:"):
+            raise _bad_config(
+                f"device {requested!r}: the kokoro kind runs on auto, cpu or cuda[:N]"
+            )
+        if requested == "cpu":
+            return "cpu"
         import torch
 
         if requested == "auto":
             return "cuda" if torch.cuda.is_available() else "cpu"
-        if requested == "cpu":
-            return "cpu"
-        if requested == "cuda" or requested.startswith("cuda:"):
-            if not torch.cuda.is_available():
-                raise _bad_config(f"device {requested!r}: this worker sees no CUDA device")
-            return requested
-        raise _bad_config(f"device {requested!r}: the kokoro kind runs on auto, cpu or cuda[:N]")
+        if not torch.cuda.is_available():
+            raise _bad_config(f"device {requested!r}: this worker sees no CUDA device")
+        return requested
 
     @staticmethod
     def _locate(weights: str, config: Any) -> tuple[Path | None, Path | None, str]:

@@ -1,0 +1,68 @@
+"""The kokoro kind's recipe checks: every mistake is a ``bad_config`` naming the option, and
+none of them needs torch or weights to be found (they fail before anything heavy loads)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from workers.base import CallContext, LoadContext, LoadRequest, ModelError
+from workers.kokoro_tts import KokoroModel, _speech_args
+
+
+def load(options: dict[str, Any], device: str = "cpu") -> None:
+    KokoroModel().load(LoadRequest("kokoro", "tts", device, options),
+                       LoadContext(lambda fraction, message: None))
+
+
+@pytest.mark.parametrize(("options", "words"), [
+    ({"weigths": "random"}, "unknown option(s) weigths"),
+    ({"lang": "fr"}, "option lang"),
+    ({"g2p": "festival"}, "option g2p"),
+    ({"seed": "zero"}, "option seed"),
+    ({"weights": "/no/such/kokoro-v1_0.pth"}, "weights: no file at /no/such/kokoro-v1_0.pth"),
+    ({"config": "/no/such/config.json"}, "option config: no file at /no/such/config.json"),
+])
+def test_recipe_mistakes_are_bad_config_naming_the_option(options, words) -> None:
+    with pytest.raises(ModelError) as err:
+        load(options)
+    assert err.value.code == "bad_config"
+    assert words in err.value.message
+
+
+def test_npu_device_is_refused_by_name() -> None:
+    with pytest.raises(ModelError) as err:
+        load({}, device="npu")
+    assert err.value.code == "bad_config" and "'npu'" in err.value.message
+
+
+def test_a_config_without_vocab_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "config.json"
+    config.write_text('{"hidden_dim": 512}')
+    with pytest.raises(ModelError) as err:
+        load({"config": str(config)})
+    assert err.value.code == "bad_config" and "not a Kokoro config" in err.value.message
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    ({}, "input must be a non-empty string"),
+    ({"input": "   "}, "input must be a non-empty string"),
+    ({"input": "x" * 4097}, "longer than 4096"),
+    ({"input": "hi", "response_format": "aac"}, "response_format must be one of"),
+    ({"input": "hi", "speed": 0.1}, "speed must be a number from 0.25 to 4.0"),
+    ({"input": "hi", "speed": True}, "speed must be a number"),
+])
+def test_worker_side_speech_checks(args, words) -> None:
+    with pytest.raises(ModelError) as err:
+        _speech_args(args)
+    assert err.value.code == "invalid_request" and words in err.value.message
+
+
+def test_an_unloaded_model_refuses_unknown_ops() -> None:
+    ctx = CallContext(lambda data: None, threading.Event())
+    with pytest.raises(ModelError) as err:
+        KokoroModel().call("transcribe", {}, ctx)
+    assert err.value.code == "unsupported"
