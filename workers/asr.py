@@ -186,11 +186,9 @@ class WhisperModel(Model):
 
             self._transcribe(np.zeros(SAMPLE_RATE, dtype=np.float32), {}, ctx, emit=False)
             return {"warmed_up": True}
-        if op == "languages":
-            return {"languages": sorted(self._languages), "multilingual": self._multilingual}
         if op != "transcribe":
             raise ModelError(ErrorCode.UNSUPPORTED,
-                             f"asr model supports ops 'transcribe' and 'languages', not {op!r:.40}")
+                             f"asr model supports ops 'transcribe' and 'warmup', not {op!r:.40}")
         audio = args.get("audio")
         if not isinstance(audio, bytes):
             raise invalid("file is required (the audio bytes to transcribe)")

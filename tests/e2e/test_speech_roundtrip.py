@@ -30,11 +30,13 @@ auto_unload_timer = "never"
 [models.kokoro-onnx]
 recipe = "kokoro-onnx"
 device = "cpu"
+warmup = true
 [models.kokoro-onnx.options]
 threads = 2
 [models.whisper]
 recipe = "asr"
 device = "cpu"
+warmup = true
 [models.whisper.options]
 threads = 2
 beam_size = 1
@@ -80,8 +82,9 @@ def test_spoken_words_come_back_as_text(server: Server, client: openai.OpenAI) -
     got = set(words(heard.text))
     matched = [w for w in said if w in got]
     assert len(matched) >= 0.7 * len(said), (heard.text, SENTENCE)
-    info = server.model("kokoro-onnx")
-    assert info["state"] == "ready"
+    for name in ("kokoro-onnx", "whisper"):  # both ran their warmup op after loading
+        row = server.model(name)
+        assert row["state"] == "ready" and row["info"]["warmup_seconds"] > 0, row
 
 
 def test_streamed_speech_arrives_in_pieces_before_it_is_finished(
