@@ -52,6 +52,8 @@ MAX_INPUT_CHARS = 4096
 MAX_TOKENS = 510
 MIN_SPEED, MAX_SPEED = 0.25, 4.0
 DEFAULT_VOICE = "jf_alpha"
+#: Largest chunk sent to the supervisor at once (the route joins or relays the pieces).
+MAX_EMIT_BYTES = 1024 * 1024
 _OPTIONS = ("model", "voices", "voice", "threads", "g2p", "british", "type")
 
 
@@ -193,19 +195,15 @@ class KokoroOnnxModel(Model):
             total += len(samples)
             chunks += 1
             if stream:
-                piece = encoder.write(samples)
-                if piece:
-                    ctx.emit(piece)
+                _emit(ctx, encoder.write(samples))
             else:
                 whole.append(samples)
         if chunks == 0:
             raise invalid("input has nothing to speak (no words after phonemization)")
         if stream:
-            tail = encoder.close()
-            if tail:
-                ctx.emit(tail)
+            _emit(ctx, encoder.close())
         else:
-            ctx.emit(audio.encode(np.concatenate(whole), SAMPLE_RATE, fmt))
+            _emit(ctx, audio.encode(np.concatenate(whole), SAMPLE_RATE, fmt))
         return {"sample_rate": SAMPLE_RATE, "seconds": round(total / SAMPLE_RATE, 3),
                 "chunks": chunks}
 
@@ -234,6 +232,16 @@ class KokoroOnnxModel(Model):
                 "speed": np.array([speed], dtype=np.float32),
             })[0]
             yield np.asarray(out, dtype=np.float32).reshape(-1)
+
+
+def _emit(ctx: CallContext, data: bytes) -> None:
+    """Send ``data`` in frames well under the protocol's frame limit.
+
+    4096 characters at speed 0.25 is over 15 minutes of audio (about 45 MB of WAV); one frame
+    that size would break workers.protocol.MAX_WORKER_FRAME_BYTES and cost the worker.
+    """
+    for start in range(0, len(data), MAX_EMIT_BYTES):
+        ctx.emit(data[start:start + MAX_EMIT_BYTES])
 
 
 def _speech_args(args: Mapping[str, Any]) -> tuple[str, str | None, str, float, bool]:
