@@ -9,6 +9,11 @@ to kill the worker.
 
 A call whose consumer goes away (the HTTP client disconnected) sends ``cancel`` and stays
 registered until its terminal frame arrives, so late chunks are dropped, not misrouted.
+
+A call that runs past its deadline gets a 504, a ``cancel``, and a liveness probe: the worker
+is pinged, and one that cannot answer a ping within ``hang_timeout_s`` (a stopped process,
+a loop stuck in native code) is reported broken, so the owner kills it and the next request
+starts a fresh one instead of queueing behind a dead worker.
 """
 
 from __future__ import annotations
@@ -66,9 +71,23 @@ _STATUS_BY_CODE: dict[str, type[LemonadeError]] = {
 
 def worker_error(code: str, message: str) -> LemonadeError:
     """An ``error`` message from the worker as the matching HTTP error, keeping its code."""
-    error = _STATUS_BY_CODE.get(code, WorkerFailed)(message, code=code)
+    error_cls = _STATUS_BY_CODE.get(code, WorkerFailed)
+    # A 503 always says when to come back (the status-code policy: never a bare 503).
+    retry = 1.0 if error_cls is ServiceUnavailable else None
+    error = error_cls(message, code=code, retry_after_s=retry)
     error.worker_code = code
     return error
+
+
+#: Bytes of answers one request may have waiting for its consumer before the channel stops
+#: reading the socket (backpressure: a flooding worker meets a slow client, memory stays flat).
+MAX_BUFFERED_BYTES = 4 * 1024 * 1024
+_FRAME_OVERHEAD = 256  # what a queued message costs beyond its payload, roughly
+
+
+def _cost(item: Message | BaseException) -> int:
+    data = getattr(item, "data", None)
+    return _FRAME_OVERHEAD + (len(data) if isinstance(data, bytes | str) else 0)
 
 
 class _Pending:
@@ -77,8 +96,30 @@ class _Pending:
     def __init__(self, accepts: frozenset[str]) -> None:
         self.accepts = accepts
         self.queue: asyncio.Queue[Message | BaseException] = asyncio.Queue()
+        self.buffered = 0
+        self.space = asyncio.Event()
+        self.space.set()
         self.next_seq = 0
         self.abandoned = False
+
+    def put(self, item: Message | BaseException) -> None:
+        self.queue.put_nowait(item)
+        self.buffered += _cost(item)
+        if self.buffered > MAX_BUFFERED_BYTES:
+            self.space.clear()
+
+    def took(self, item: Message | BaseException) -> None:
+        self.buffered -= _cost(item)
+        if self.buffered <= MAX_BUFFERED_BYTES // 2:
+            self.space.set()
+
+    def abandon(self) -> None:
+        """Nobody will read this queue again: drop what is in it and never block the reader."""
+        self.abandoned = True
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        self.buffered = 0
+        self.space.set()
 
 
 _TERMINAL = frozenset({"end", "error", "loaded", "pong"})
@@ -92,8 +133,11 @@ class Channel:
         writer: asyncio.StreamWriter,
         *,
         on_broken: Callable[[str], None],
+        hang_timeout_s: float = 30.0,
     ) -> None:
         self.model = model
+        self.hang_timeout_s = hang_timeout_s
+        self._probe: asyncio.Task[None] | None = None
         self._reader = reader
         self._writer = writer
         self._on_broken = on_broken
@@ -101,6 +145,8 @@ class Channel:
         self._pending: dict[int, _Pending] = {}
         self._write_lock = asyncio.Lock()
         self.closed_reason: str | None = None
+        self._reading_paused = False
+        self._pauses = 0
         self._task = asyncio.create_task(self._read_loop(), name=f"channel-{model}")
 
     # ----------------------------------------------------------------- reading
@@ -114,7 +160,15 @@ class Channel:
                 if msg is None:
                     self._close("the worker closed its connection")
                     return
-                self._route(msg)
+                pending = self._route(msg)
+                if pending is not None and not pending.space.is_set():
+                    # The consumer is slower than the worker: stop reading until it catches up.
+                    self._reading_paused = True
+                    self._pauses += 1
+                    try:
+                        await pending.space.wait()
+                    finally:
+                        self._reading_paused = False
         except ProtocolError as e:
             log.warning("worker for %s broke the protocol: %s", self.model, e)
             self._close(f"the worker broke the protocol ({e})", broken=True)
@@ -124,7 +178,7 @@ class Channel:
             self._close("the channel was closed")
             raise
 
-    def _route(self, msg: Message) -> None:
+    def _route(self, msg: Message) -> _Pending | None:
         request_id: int = msg.id  # type: ignore[attr-defined]
         pending = self._pending.get(request_id)
         if pending is None:
@@ -139,8 +193,10 @@ class Channel:
             pending.next_seq += 1
         if msg.T in _TERMINAL:
             del self._pending[request_id]
-        if not pending.abandoned:
-            pending.queue.put_nowait(msg)
+        if pending.abandoned:
+            return None
+        pending.put(msg)
+        return pending
 
     def _close(self, reason: str, *, broken: bool = False) -> None:
         if self.closed_reason is not None:
@@ -148,7 +204,8 @@ class Channel:
         self.closed_reason = reason
         error = WorkerFailed(f"worker for '{self.model}' failed: {reason}")
         for pending in self._pending.values():
-            pending.queue.put_nowait(error)
+            pending.put(error)
+            pending.space.set()
         self._pending.clear()
         self._writer.close()
         if broken:
@@ -157,6 +214,27 @@ class Channel:
     def close(self) -> None:
         self._close("the model was unloaded")
         self._task.cancel()
+        if self._probe is not None:
+            self._probe.cancel()
+
+    def probe_liveness(self) -> None:
+        """After a call timed out: ping; a worker that cannot answer is hung and is killed."""
+        if self.closed_reason is not None or self._probe is not None:
+            return
+        self._probe = asyncio.create_task(self._run_probe(), name=f"probe-{self.model}")
+
+    async def _run_probe(self) -> None:
+        try:
+            await self.ping(self.hang_timeout_s)
+        except TimeoutError:
+            log.error("worker for %s answered no ping within %gs after a call timed out; "
+                      "it is hung", self.model, self.hang_timeout_s)
+            self._close(f"the worker is hung (no answer to a ping within "
+                        f"{self.hang_timeout_s:g}s)", broken=True)
+        except LemonadeError:
+            pass  # the channel closed meanwhile
+        finally:
+            self._probe = None
 
     @property
     def is_open(self) -> bool:
@@ -185,8 +263,14 @@ class Channel:
         self._pending[request_id] = pending
         return request_id, pending
 
+    def _forget(self, request_id: int) -> None:
+        pending = self._pending.pop(request_id, None)
+        if pending is not None:
+            pending.abandon()
+
     async def _next(self, pending: _Pending, timeout_s: float | None) -> Message:
         item = await asyncio.wait_for(pending.queue.get(), timeout_s)
+        pending.took(item)
         if isinstance(item, BaseException):
             raise item
         return item
@@ -205,15 +289,16 @@ class Channel:
     ) -> Loaded:
         request_id, pending = self._register(frozenset({"progress", "loaded", "error"}))
         await self._send(Load(id=request_id, name=name, type=type, device=device, options=options))
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
         while True:
+            # Stall-based: every progress report starts the window again, so a big model
+            # that keeps reporting may take longer, and a silent one is given up on.
             try:
-                msg = await self._next(pending, max(0.0, deadline - loop.time()))
+                msg = await self._next(pending, timeout_s)
             except TimeoutError:
-                self._pending.pop(request_id, None)
+                self._forget(request_id)
                 raise GatewayTimeout(
-                    f"model '{name}' did not finish loading within {timeout_s:g}s"
+                    f"model '{name}' sent no progress and did not finish loading within "
+                    f"{timeout_s:g}s"
                 ) from None
             if isinstance(msg, Progress):
                 if on_progress is not None:
@@ -227,11 +312,16 @@ class Channel:
     async def ping(self, timeout_s: float) -> Pong:
         request_id, pending = self._register(frozenset({"pong"}))
         await self._send(Ping(id=request_id))
-        try:
-            msg = await self._next(pending, timeout_s)
-        except TimeoutError:
-            self._pending.pop(request_id, None)
-            raise
+        while True:
+            pauses = self._pauses
+            try:
+                msg = await self._next(pending, timeout_s)
+                break
+            except TimeoutError:
+                if self._reading_paused or self._pauses != pauses:
+                    continue  # we stopped reading (a slow client), not the worker answering
+                self._forget(request_id)
+                raise
         assert isinstance(msg, Pong)
         return msg
 
@@ -304,6 +394,7 @@ class CallStream:
             msg = await self._channel._next(self._pending, max(0.0, remaining))
         except TimeoutError:
             await self.aclose()
+            self._channel.probe_liveness()
             raise GatewayTimeout(
                 f"model '{self._channel.model}' did not answer within {self._timeout_s:g}s"
             ) from None
@@ -330,7 +421,7 @@ class CallStream:
             self.finished = True
             return
         self.finished = True
-        self._pending.abandoned = True
+        self._pending.abandon()
         if self._id in self._channel._pending and self._channel.is_open:
             # Shielded: this often runs inside a cancelled handler, and the worker must hear it.
             with contextlib.suppress(LemonadeError, asyncio.CancelledError):

@@ -150,6 +150,8 @@ class Settings:
     load_failure_cooldown_s: float = 10.0
     load_failure_cooldown_max_s: float = 300.0
     heartbeat_interval_s: float = 10.0
+    #: A worker that leaves a ping unanswered this long is hung and gets killed.
+    heartbeat_timeout_s: float = 30.0
     log_level: str = "info"
     api_key: str | None = field(default=None, repr=False)
     preload: tuple[str, ...] = ()
@@ -202,6 +204,7 @@ _SERVER_KEYS: tuple[_ServerKey, ...] = tuple(
         ("load_failure_cooldown", "load_failure_cooldown_s", duration(), ""),
         ("load_failure_cooldown_max", "load_failure_cooldown_max_s", duration(), ""),
         ("heartbeat_interval", "heartbeat_interval_s", duration(positive=True), ""),
+        ("heartbeat_timeout", "heartbeat_timeout_s", duration(positive=True), ""),
         ("log_level", "log_level", parse_log_level, ""),
         ("preload", "preload", parse_preload, ""),
         ("data_dir", "data_dir", parse_path, ""),

@@ -21,6 +21,7 @@ import logging
 import math
 import shutil
 import time
+import weakref
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,8 +47,6 @@ from workers.protocol import WARMUP_OP, ErrorCode, Progress
 
 log = logging.getLogger(__name__)
 
-_HEARTBEAT_TIMEOUT_MIN_S = 30.0
-
 
 @dataclass(frozen=True)
 class Lease:
@@ -65,8 +64,14 @@ class EffectiveTimeout:
     source: str
 
 
+#: Every Manager alive in this process, so tests (the leak guard) and debugging tools can
+#: audit them without being handed a reference.
+LIVE_MANAGERS: weakref.WeakSet[Manager] = weakref.WeakSet()
+
+
 class Manager:
     def __init__(self, settings: Settings, *, runtime_base: str | None = None) -> None:
+        LIVE_MANAGERS.add(self)
         self.settings = settings
         self.events = EventBus()
         self.slots: dict[str, Slot] = {
@@ -428,10 +433,16 @@ class Manager:
         slot.last_error = error.message
         error.message = f"model '{slot.name}' failed to load: {error.message}"
         slot.transition(State.FAILED)
-        # What the waiting requests see: 503 with the cooldown as Retry-After.
+        # What the waiting requests see: 503 with the cooldown as Retry-After; a worker that
+        # ran out of memory says so (retryable once memory frees up), any other failure is
+        # ``model_load_failed``. A load that timed out stays a 504.
         if error.status != 504:
             error.status = ServiceUnavailable.status
             error.retry_after_s = cooldown
+            if error.worker_code == ErrorCode.OUT_OF_MEMORY:
+                error.code = "insufficient_memory"
+            elif error.code not in ("spawn_failed",):
+                error.code = "model_load_failed"
         log.error("loading %s failed (%d in a row; next try in %gs): %s",
                   slot.name, slot.failures, cooldown, error.message)
 
@@ -496,6 +507,11 @@ class Manager:
 
     async def _spawn_and_load(self, slot: Slot) -> None:
         assert self.runtime_dir is not None, "Manager.start() was not called"
+        if not self.runtime_dir.is_dir():
+            # A tmp cleaner removed it under us: workers already connected do not need it
+            # (their sockets were unlinked on connect); new ones get a fresh private dir.
+            log.warning("runtime dir %s disappeared; creating a new one", self.runtime_dir)
+            self.runtime_dir = create_runtime_dir(self._runtime_base)
         recipe = slot.recipe
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.load_timeout_s
@@ -510,7 +526,8 @@ class Manager:
         except GatewayTimeout:
             raise self._load_timeout() from None
         channel = Channel(recipe.name, worker.reader, worker.writer,
-                          on_broken=lambda reason: worker.kill())
+                          on_broken=lambda reason: worker.kill(),
+                          hang_timeout_s=self.settings.heartbeat_timeout_s)
 
         def report_progress(progress: Progress) -> None:
             self.events.publish("progress", recipe.name,
@@ -523,7 +540,7 @@ class Manager:
             loaded = await channel.load(
                 name=recipe.name, type=recipe.type, device=recipe.device,
                 options=dict(recipe.options),
-                timeout_s=max(0.1, deadline - loop.time()),
+                timeout_s=self.settings.load_timeout_s,  # without progress: stall-based
                 on_progress=report_progress,
             )
             warmup_s = await self._warmup(slot, channel, deadline) if recipe.warmup else None
@@ -580,15 +597,22 @@ class Manager:
 
     async def _heartbeat_loop(self) -> None:
         interval = self.settings.heartbeat_interval_s
-        timeout = max(_HEARTBEAT_TIMEOUT_MIN_S, 3 * interval)
+        timeout = self.settings.heartbeat_timeout_s
+        pinging: set[str] = set()
         while True:
             await asyncio.sleep(interval)
             for slot in list(self.slots.values()):
-                if slot.state is State.READY and slot.channel is not None:
-                    self._spawn_task(self._ping(slot, timeout), f"ping-{slot.name}")
+                if (slot.state is State.READY and slot.channel is not None
+                        and slot.name not in pinging):
+                    pinging.add(slot.name)
+                    task = self._spawn_task(self._ping(slot, timeout), f"ping-{slot.name}")
+                    task.add_done_callback(
+                        functools.partial(lambda name, _t: pinging.discard(name), slot.name))
 
     async def _ping(self, slot: Slot, limit_s: float) -> None:
         worker, channel = slot.worker, slot.channel
+        if worker is None or channel is None:
+            return
         try:
             pong = await channel.ping(limit_s)
         except TimeoutError:
@@ -601,6 +625,52 @@ class Manager:
         if slot.worker is worker:
             slot.vram_bytes = pong.memory.get("vram", 0)
             slot.rss_bytes = worker.rss_bytes() or pong.memory.get("rss", 0)
+
+    # ================================================================ invariants
+
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
+    def audit(self) -> list[str]:
+        """The bookkeeping invariants (reliability matrix, leak guard); returns what is broken.
+
+        Meant to hold whenever the event loop is between steps: timers only on idle ready
+        models, no process behind an unloaded slot, counters never negative, a memory
+        reservation held only by an admitted, resident model, and after ``close()``
+        nothing loaded, nothing in flight, no task left.
+        """
+        problems: list[str] = []
+        for slot in self.slots.values():
+            name = slot.name
+            if slot.in_flight < 0 or slot.waiters < 0:
+                problems.append(f"{name}: negative counters in_flight={slot.in_flight} "
+                                f"waiters={slot.waiters}")
+            if slot.timer.armed and (slot.state is not State.READY or slot.busy):
+                problems.append(f"{name}: idle timer armed while {slot.state.value}"
+                                f"{' and busy' if slot.busy else ''}")
+            if slot.state in (State.UNLOADED, State.FAILED):
+                if slot.worker is not None or slot.channel is not None:
+                    problems.append(f"{name}: {slot.state.value} but a worker is attached")
+                if slot.admitted or slot.reserved_bytes:
+                    problems.append(f"{name}: {slot.state.value} but still holds a reservation "
+                                    f"of {slot.reserved_bytes} bytes")
+            if slot.state is State.READY and (slot.worker is None or slot.channel is None):
+                problems.append(f"{name}: ready without a worker")
+            if not slot.admitted and slot.reserved_bytes:
+                problems.append(f"{name}: reserved {slot.reserved_bytes} bytes without admission")
+            if self._closing:
+                if slot.state not in (State.UNLOADED, State.FAILED):
+                    problems.append(f"{name}: {slot.state.value} after close()")
+                if slot.in_flight or slot.waiters:
+                    problems.append(f"{name}: in_flight={slot.in_flight} "
+                                    f"waiters={slot.waiters} after close()")
+                if slot.timer.armed:
+                    problems.append(f"{name}: idle timer armed after close()")
+        if self._closing and any(not t.done() for t in self._tasks):
+            problems.append("tasks still running after close(): "
+                            + ", ".join(t.get_name() for t in self._tasks if not t.done()))
+        return problems
 
     # ================================================================ status
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import psutil
 
-from supervisor.errors import GatewayTimeout, WorkerFailed
+from supervisor.errors import GatewayTimeout, ServiceUnavailable, WorkerFailed
 from workers.protocol import (
     MAX_WORKER_FRAME_BYTES,
     PROTOCOL_VERSION,
@@ -60,7 +60,9 @@ def worker_environment(
         k: v for k, v in env.items() if k in ENV_ALLOW or k.startswith(ENV_ALLOW_PREFIXES)
     }
     out["PYTHONUNBUFFERED"] = "1"
-    out["HF_HUB_OFFLINE"] = "1"  # a hub call must fail fast, not hang on a closed network
+    # Offline unless the user says otherwise (HF_HUB_OFFLINE=0 lets a recipe name a hub repo):
+    # on a closed network a hub call must fail fast, not hang.
+    out.setdefault("HF_HUB_OFFLINE", "1")
     if data_dir is not None:
         out["LEMONADE_DATA_DIR"] = data_dir  # the supervisor's own value, not the user's env
     return out
@@ -116,29 +118,39 @@ class WorkerProcess:
         if len(os.fsencode(path)) > _SUN_PATH_MAX:
             # Keep the name short but unique; the model name is only for humans here.
             path = runtime_dir / f"w{seq}.sock"
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o177)  # born 0600: no window between bind and chmod
         try:
-            listener.bind(os.fspath(path))
-        finally:
-            os.umask(old_umask)
-        listener.listen(1)
-        listener.setblocking(False)
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as e:  # EMFILE, ENFILE, ENOBUFS
+            raise _spawn_failed(model, e) from None
+        try:
+            old_umask = os.umask(0o177)  # born 0600: no window between bind and chmod
+            try:
+                listener.bind(os.fspath(path))
+            finally:
+                os.umask(old_umask)
+            listener.listen(1)
+            listener.setblocking(False)
+        except OSError as e:
+            listener.close()
+            raise _spawn_failed(model, e) from None
         tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL_LINES)
         proc: asyncio.subprocess.Process | None = None
         forwarders: list[asyncio.Task[None]] = []
         conn: socket.socket | None = None
         try:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "workers",
-                "--socket", os.fspath(path), "--kind", kind, "--parent-pid", str(os.getpid()),
-                "--max-threads", str(max_concurrency),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                start_new_session=True,
-                env=worker_environment(data_dir=data_dir) if env is None else env,
-            )
+            try:
+                proc = await _create_worker_process(
+                    sys.executable, "-m", "workers",
+                    "--socket", os.fspath(path), "--kind", kind,
+                    "--parent-pid", str(os.getpid()), "--max-threads", str(max_concurrency),
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
+                    start_new_session=True,
+                    env=worker_environment(data_dir=data_dir) if env is None else env,
+                )
+            except OSError as e:  # EAGAIN from fork, EMFILE for the pipes, ENOMEM
+                raise _spawn_failed(model, e) from None
             assert proc.stdout is not None and proc.stderr is not None
             forwarders = [
                 asyncio.create_task(_forward(model, proc.pid, proc.stdout, tail)),
@@ -252,6 +264,18 @@ class WorkerProcess:
 
 
 # --------------------------------------------------------------------- helpers
+
+#: The one place workers are started (a name tests can point at a failing fake, as they do
+#: for fork failures: ``BlockingIOError`` from ``create_subprocess_exec``).
+_create_worker_process = asyncio.create_subprocess_exec
+
+
+def _spawn_failed(model: str, error: OSError) -> ServiceUnavailable:
+    return ServiceUnavailable(
+        f"could not start a worker for '{model}': {error.strerror or error}",
+        code="spawn_failed", retry_after_s=5,
+    )
+
 
 
 async def _accept_from(

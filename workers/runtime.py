@@ -12,6 +12,12 @@ included) back. This module is everything in that process except the model itsel
   answering pings and cancels while the model is busy (or stuck in native code);
 * translation of model outcomes into exactly one terminal frame per request.
 
+Two small extension points exist for the ``synthetic`` kind's fault injection (and for model
+kinds that need them): a model may define ``on_shutdown()``, called from the loop thread when
+the supervisor asks the process to end, and :func:`send_raw_from_thread` writes bytes to the
+supervisor exactly as given, bypassing every check, so a test worker can break the protocol
+on purpose. Neither changes what a well-behaved model sees.
+
 The process ends with :func:`os._exit`: model threads may be stuck in native code, and a
 normal interpreter exit would wait for them.
 """
@@ -22,6 +28,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import faulthandler
 import logging
 import os
 import resource
@@ -88,6 +95,21 @@ _MAX_COUNTER = 2**63 - 1  # the largest integer a memory field may carry
 
 T = TypeVar("T")
 
+#: The one runtime of this process (set by :meth:`WorkerRuntime.serve`).
+_current: WorkerRuntime | None = None
+
+
+def send_raw_from_thread(data: bytes) -> None:
+    """Write ``data`` to the supervisor as it is, from a model thread (fault injection only).
+
+    No framing, no checks: the bytes may be garbage, a lying length prefix, a forged frame.
+    The supervisor is expected to treat the result as a protocol violation and kill us.
+    """
+    runtime = _current
+    if runtime is None:
+        raise RuntimeError("no worker runtime is serving in this process")
+    runtime._send_from_thread(data)
+
 
 # --------------------------------------------------------------------------- process setup
 
@@ -105,6 +127,8 @@ def _set_parent_death_signal() -> None:
 
 
 def _harden_process() -> None:
+    # A segfault in native model code leaves the Python stack of every thread in the log.
+    faulthandler.enable()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub call must fail fast, not hang
     try:
         _, hard = resource.getrlimit(resource.RLIMIT_CORE)
@@ -225,6 +249,8 @@ class WorkerRuntime:
     # ------------------------------------------------------------- reading
 
     async def serve(self) -> NoReturn:
+        global _current
+        _current = self
         await self.send(Hello(v=PROTOCOL_VERSION, pid=os.getpid(), kind=self.kind))
         while True:
             try:
@@ -261,6 +287,14 @@ class WorkerRuntime:
             self._spawn(self._load(message))
         elif isinstance(message, Shutdown):
             log.info("shutdown requested; exiting")
+            hook = getattr(self._model, "on_shutdown", None)
+            if callable(hook):
+                # Runs in the loop thread on purpose: a hook that hangs hangs the process,
+                # which is what the supervisor's stop escalation (SIGTERM, SIGKILL) is for.
+                try:
+                    hook()
+                except Exception:
+                    log.exception("on_shutdown() failed")
             with contextlib.suppress(Exception):
                 self._writer.close()
             _exit_now(EXIT_OK)

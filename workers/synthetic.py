@@ -11,22 +11,59 @@ Recipe options (all optional)::
 
     type          "tts" (the only type served so far; default: the recipe's type)
     load_seconds  seconds spent loading, with progress reports (default 0)
+    progress      false: load silently, with no progress reports at all (true)
     memory_mb     MiB allocated and touched at load, held for the life of the process (0)
     latency_ms    time per call, spread across its chunks; cancellable (0)
     chunks        pieces a streamed answer is cut into, 1..1000 (4)
     fail_load     true or a message: the load fails after its delay (false)
     crash_on_call true: every call kills the process with SIGKILL (false)
     sample_rate   8000..48000 Hz (24000)
+    fault         one fault to inject, from the list below ("none")
+    fault_after_chunks  chunks a call sends before a ``*_mid_call`` fault fires, 0..1000 (1)
+    fault_delay_ms      the delay of ``late_reply`` and ``hang_after_load`` (1000 / 200)
+    flood_chunks        chunks ``flood`` sends, 1..1000000 (10000)
+    flood_chunk_bytes   bytes in each of them, 1..1048576 (2)
+
+Faults (the ``fault`` option). They are real: signals are really delivered, memory really
+runs out, bytes really go over the socket. Nothing in the supervisor knows about them.
+
+Load faults:
+
+    crash_on_load       print a line to stderr, then exit with code 17 before answering
+    oom_on_load         a real MemoryError: lower RLIMIT_AS, allocate past it (-> out_of_memory)
+    hang_on_load        SIGSTOP itself during the load: no progress, no answer, no pings
+    hang_after_load     load, then SIGSTOP itself ``fault_delay_ms`` later (heartbeats stop)
+    fork_grandchild     start ``sleep 60`` holding the worker's stdout and stderr; its pid is
+                        in the load info as ``grandchild_pid``
+    ignore_sigterm      on ``shutdown``: ignore SIGTERM and hang, so only SIGKILL ends it
+
+Call faults (each fires after ``fault_after_chunks`` chunks of a ``speech`` call):
+
+    segfault_mid_call   a real segmentation fault (read address 0)
+    sigkill_mid_call    SIGKILL itself (the OOM killer's signature)
+    hang_mid_call       SIGSTOP itself: no more frames, no pongs, SIGTERM stays pending
+    garbage_mid_call    write a frame whose body is the reserved msgpack byte 0xc1
+    oversize_mid_call   write a length prefix of 0xFFFFFFF0 (and nothing more)
+    bomb_mid_call       write an array32 of 500,000 empty maps (an element-count bomb)
+    truncated_mid_call  write a header promising 1000 bytes, 10 of them, then exit
+    wrong_id_mid_call   write a well-formed chunk for a request id nobody sent
+    oom_mid_call        a real MemoryError, as ``oom_on_load`` (-> out_of_memory)
+    late_reply          ignore cancel: sleep ``fault_delay_ms``, then answer in full anyway
+    flood               send ``flood_chunks`` tiny chunks as fast as the socket takes them
 """
 
 from __future__ import annotations
 
 import array
+import ctypes
 import math
 import os
+import resource
 import signal
 import struct
+import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -41,7 +78,8 @@ from workers.base import (
     ModelError,
     invalid,
 )
-from workers.protocol import WARMUP_OP, ErrorCode
+from workers.protocol import WARMUP_OP, Chunk, ErrorCode, encode
+from workers.runtime import send_raw_from_thread
 
 VOICES: Mapping[str, float] = {"tone": 440.0, "low": 220.0, "high": 880.0}
 FORMATS: tuple[str, ...] = ("wav", "pcm")
@@ -65,7 +103,39 @@ _OPTIONS = (
     "fail_load",
     "crash_on_call",
     "sample_rate",
+    "progress",
+    "fault",
+    "fault_after_chunks",
+    "fault_delay_ms",
+    "flood_chunks",
+    "flood_chunk_bytes",
 )
+
+LOAD_FAULTS = (
+    "crash_on_load",
+    "oom_on_load",
+    "hang_on_load",
+    "hang_after_load",
+    "fork_grandchild",
+    "ignore_sigterm",
+)
+CALL_FAULTS = (
+    "segfault_mid_call",
+    "sigkill_mid_call",
+    "hang_mid_call",
+    "garbage_mid_call",
+    "oversize_mid_call",
+    "bomb_mid_call",
+    "truncated_mid_call",
+    "wrong_id_mid_call",
+    "oom_mid_call",
+    "late_reply",
+    "flood",
+)
+FAULTS = ("none", *LOAD_FAULTS, *CALL_FAULTS)
+CRASH_ON_LOAD_EXIT = 17
+#: An id no supervisor hands out this early (they count up from 1).
+_FORGED_ID = 2**62 + 7
 
 
 def _bad(message: str) -> ModelError:
@@ -107,6 +177,12 @@ class SyntheticConfig:
     fail_load: str | None = None
     crash_on_call: bool = False
     sample_rate: int = 24000
+    progress: bool = True
+    fault: str = "none"
+    fault_after_chunks: int = 1
+    fault_delay_ms: float | None = None
+    flood_chunks: int = 10_000
+    flood_chunk_bytes: int = 2
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any], default_type: str) -> SyntheticConfig:
@@ -136,7 +212,22 @@ class SyntheticConfig:
         crash = options.get("crash_on_call", False)
         if not isinstance(crash, bool):
             raise _bad(f"synthetic option 'crash_on_call' must be true or false, got {crash!r:.60}")
+        progress = options.get("progress", True)
+        if not isinstance(progress, bool):
+            raise _bad(f"synthetic option 'progress' must be true or false, got {progress!r:.60}")
+        fault = options.get("fault", "none")
+        if fault not in FAULTS:
+            raise _bad(f"synthetic option 'fault' must be one of {', '.join(FAULTS)}; "
+                       f"got {fault!r:.60}")
+        delay = (_number_option(options, "fault_delay_ms", 0.0)
+                 if "fault_delay_ms" in options else None)
         return cls(
+            progress=progress,
+            fault=fault,
+            fault_after_chunks=_int_option(options, "fault_after_chunks", 1, 0, MAX_CHUNKS),
+            fault_delay_ms=delay,
+            flood_chunks=_int_option(options, "flood_chunks", 10_000, 1, 1_000_000),
+            flood_chunk_bytes=_int_option(options, "flood_chunk_bytes", 2, 1, _MIB),
             load_seconds=_number_option(options, "load_seconds", 0.0),
             memory_mb=_number_option(options, "memory_mb", 0.0),
             latency_ms=_number_option(options, "latency_ms", 0.0),
@@ -214,8 +305,12 @@ class SyntheticModel(Model):
         self.config = config
         started = time.monotonic()
         while (elapsed := time.monotonic() - started) < config.load_seconds:
-            ctx.progress(min(1.0, elapsed / config.load_seconds), "loading synthetic model")
+            if config.progress:
+                ctx.progress(min(1.0, elapsed / config.load_seconds), "loading synthetic model")
             time.sleep(min(_PROGRESS_EVERY_S, config.load_seconds - elapsed))
+        info: dict[str, Any] = {}
+        if config.fault in LOAD_FAULTS:
+            info = self._load_fault(config)
         if config.memory_mb > 0:
             ctx.progress(None, f"allocating {config.memory_mb:g} MiB")
             # Repeating one byte fills every page, so the RSS grows now (a zeroed buffer
@@ -223,21 +318,56 @@ class SyntheticModel(Model):
             self._ballast = bytearray(b"\x5a") * int(config.memory_mb * _MIB)
         if config.fail_load is not None:
             raise ModelError(ErrorCode.LOAD_FAILED, config.fail_load)
-        ctx.progress(1.0, "ready")
+        if config.progress:
+            ctx.progress(1.0, "ready")
         return LoadResult(
             device="cpu",
             info={
                 "memory_mb": config.memory_mb,
                 "type": "tts",
                 "sample_rate": config.sample_rate,
+                **info,
             },
         )
+
+    def _load_fault(self, config: SyntheticConfig) -> dict[str, Any]:
+        fault = config.fault
+        if fault == "crash_on_load":
+            sys.stderr.write(f"synthetic fault: crash_on_load, exiting with code "
+                             f"{CRASH_ON_LOAD_EXIT}\n")
+            sys.stderr.flush()
+            os._exit(CRASH_ON_LOAD_EXIT)
+        if fault == "oom_on_load":
+            real_memory_error()
+        if fault == "hang_on_load":
+            os.kill(os.getpid(), signal.SIGSTOP)
+        if fault == "hang_after_load":
+            delay = 0.2 if config.fault_delay_ms is None else config.fault_delay_ms / 1000
+            timer = threading.Timer(delay, os.kill, (os.getpid(), signal.SIGSTOP))
+            timer.daemon = True
+            timer.start()
+        if fault == "fork_grandchild":
+            # Same process group, stdout and stderr inherited: the supervisor's pipes stay
+            # open for as long as it lives, unless the whole group is killed.
+            child = subprocess.Popen(["sleep", "60"], stdin=subprocess.DEVNULL)
+            self._grandchild = child
+            return {"grandchild_pid": child.pid}
+        return {}
+
+    def on_shutdown(self) -> None:
+        """Called by the runtime (loop thread) on ``shutdown``; only faults do anything here."""
+        if self.config.fault == "ignore_sigterm":
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            while True:  # a teardown stuck for good: only SIGKILL ends this
+                time.sleep(3600)
 
     def call(self, op: str, args: Mapping[str, Any], ctx: CallContext) -> Any:
         if op == WARMUP_OP:
             # Exercise the synthesis path once so the first real request pays no first-use cost.
             tone_pcm(440.0, self.config.sample_rate, speech_samples("warmup", 1.0, 8000))
             return {"warmed_up": True}
+        if op == "voices":
+            return {"voices": sorted(VOICES), "default": "tone"}
         if op != "speech":
             raise ModelError(ErrorCode.UNSUPPORTED, "synthetic tts model supports op 'speech' only")
         config = self.config
@@ -251,11 +381,74 @@ class SyntheticModel(Model):
         if fmt == "wav":
             pieces[0] = wav_header(rate, len(pcm)) + pieces[0]
         pause = config.latency_ms / 1000.0 / len(pieces)
-        for piece in pieces:
+        if config.fault == "late_reply":
+            # Not cancellable on purpose: the answer arrives long after anyone wanted it.
+            time.sleep(1.0 if config.fault_delay_ms is None else config.fault_delay_ms / 1000)
+            emit = ctx._emit  # bypasses the cancel check
+            for piece in pieces:
+                emit(piece)
+            return {"sample_rate": rate, "samples": samples, "format": fmt, "late": True}
+        if config.fault == "flood":
+            payload = b"\x00" * config.flood_chunk_bytes
+            for _ in range(config.flood_chunks):
+                ctx.emit(payload)
+            return {"sample_rate": rate, "samples": config.flood_chunks, "format": "pcm"}
+        mid_call = config.fault in CALL_FAULTS
+        for i, piece in enumerate(pieces):
+            if mid_call and i == config.fault_after_chunks:
+                call_fault(config.fault)
             if pause > 0:
                 ctx.sleep(pause)
             ctx.emit(piece)
+        if mid_call and config.fault_after_chunks >= len(pieces):
+            call_fault(config.fault)
         return {"sample_rate": rate, "samples": samples, "format": fmt}
+
+
+def real_memory_error(headroom_mib: int = 256, allocate_mib: int = 1024) -> None:
+    """Raise a genuine ``MemoryError``: cap the address space a little above what the process
+    uses now, allocate past the cap, then lift the cap again (the soft limit only)."""
+    import psutil  # the runtime already imports it
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = psutil.Process().memory_info().vms + headroom_mib * _MIB
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        ballast = bytearray(allocate_mib * _MIB)  # raises MemoryError
+        del ballast
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    raise AssertionError("the address-space limit did not stop a 1 GiB allocation")
+
+
+def call_fault(fault: str) -> None:
+    """Inject one of the ``*_mid_call`` faults, from a model thread."""
+    if fault == "segfault_mid_call":
+        ctypes.string_at(0)  # a real SIGSEGV
+        os.kill(os.getpid(), signal.SIGSEGV)  # pragma: no cover - in case address 0 reads
+    elif fault == "sigkill_mid_call":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif fault == "hang_mid_call":
+        os.kill(os.getpid(), signal.SIGSTOP)
+    elif fault == "garbage_mid_call":
+        send_raw_from_thread(b"\x00\x00\x00\x04\xc1\xc1\xc1\xc1")
+    elif fault == "oversize_mid_call":
+        send_raw_from_thread(b"\xff\xff\xff\xf0")
+    elif fault == "bomb_mid_call":
+        count = 500_000
+        body = b"\xdd" + count.to_bytes(4, "big") + b"\x80" * count
+        send_raw_from_thread(len(body).to_bytes(4, "big") + body)
+    elif fault == "truncated_mid_call":
+        send_raw_from_thread((1000).to_bytes(4, "big") + b"\x81" + b"\x00" * 9)
+        time.sleep(0.05)
+        os._exit(0)
+    elif fault == "wrong_id_mid_call":
+        send_raw_from_thread(encode(Chunk(id=_FORGED_ID, seq=0, data=b"stolen")))
+    elif fault == "oom_mid_call":
+        real_memory_error()
+    # late_reply and flood shape the whole call instead; see SyntheticModel.call
 
 
 def _speech_args(args: Mapping[str, Any]) -> tuple[str, float, str, float]:

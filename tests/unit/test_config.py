@@ -194,6 +194,7 @@ call_timeout = "1h"
 load_failure_cooldown = "5s"
 load_failure_cooldown_max = "10m"
 heartbeat_interval = "500ms"
+heartbeat_timeout = "3s"
 log_level = "DEBUG"
 preload = ["tts1"]
 data_dir = "/var/cache/lemonade"
@@ -218,6 +219,7 @@ def test_every_server_key_from_file(tmp_path: Path) -> None:
     assert s.load_failure_cooldown_s == 5.0
     assert s.load_failure_cooldown_max_s == 600.0
     assert s.heartbeat_interval_s == 0.5
+    assert s.heartbeat_timeout_s == 3.0
     assert s.log_level == "debug"
     assert s.preload == ("tts1",)
     assert s.data_dir == "/var/cache/lemonade"
