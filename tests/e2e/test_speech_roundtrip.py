@@ -106,8 +106,13 @@ def test_streamed_speech_arrives_in_pieces_before_it_is_finished(
     assert 2.0 < seconds < 10.0
 
 
-def test_an_unknown_voice_is_a_400_listing_the_voices(client: openai.OpenAI) -> None:
+def test_an_unknown_voice_is_a_400_listing_the_voices(server: Server,
+                                                      client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         client.audio.speech.create(model="kokoro-onnx", voice="af_heart", input="Hello.")
     message = str(caught.value)
     assert "af_heart" in message and "jf_alpha" in message and "jm_kumo" in message
+    listing = server.get("/v1/audio/voices?model=kokoro-onnx")
+    assert listing.status == 200, listing.body
+    voices = listing.json()
+    assert voices["default"] == "jf_alpha" and {"jf_alpha", "jm_kumo"} <= set(voices["voices"])
