@@ -46,7 +46,7 @@ class Server:
         path.write_text(config)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "supervisor.cli", "serve", "--config", str(path), "--port",
-             "0", "--log-level", "warning"],
+             "0", "--log-level", "info"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=workdir,
         )
         self.port = 0
