@@ -8,8 +8,17 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import psutil
+import pytest
 
 from supervisor.config import Settings, load_settings
+
+
+def shared_data_dir(factory: pytest.TempPathFactory) -> Path:
+    """One data dir per test session, so converted weights (the LLM's GGUF) are built once
+    for every test that loads the model, whichever runs first."""
+    path = factory.getbasetemp() / "lemonade-shared-data"
+    path.mkdir(exist_ok=True)
+    return path
 
 
 def settings_from_toml(

@@ -28,6 +28,7 @@ import openai
 import pytest
 
 from tests.e2e.conftest import Server, async_wait_for, launch_server, wait_for
+from tests.helpers import shared_data_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -46,13 +47,6 @@ LOAD_TIMEOUT_S = 600.0
 CALL_TIMEOUT_S = 120.0
 SHORT = [{"role": "system", "content": "Be brief."},
          {"role": "user", "content": "Name a colour."}]
-
-
-def shared_data_dir(factory: pytest.TempPathFactory) -> Path:
-    """One data dir per test session, so the GGUF is converted once for all LLM tests."""
-    path = factory.getbasetemp() / "lemonade-llm-data"
-    path.mkdir(exist_ok=True)
-    return path
 
 
 @pytest.fixture(scope="module")

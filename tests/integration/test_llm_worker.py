@@ -11,17 +11,11 @@ import pytest
 
 from supervisor.errors import BadRequest
 from supervisor.manager import Manager
+from tests.helpers import shared_data_dir
 from tests.integration.conftest import ManagerFactory
 from workers import gguf_cache
 
 SMALL = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
-
-
-def shared_data_dir(factory: pytest.TempPathFactory) -> Path:
-    """The same folder tests/e2e/test_chat_api.py uses: one GGUF conversion per session."""
-    path = factory.getbasetemp() / "lemonade-llm-data"
-    path.mkdir(exist_ok=True)
-    return path
 
 
 # ----------------------------------------------------------------------------- the cache
