@@ -144,12 +144,16 @@ def main() -> int:
         print("\n".join(lines))
         return 1
     bugs: list[str] = []
+    log_path = workdir / "server.log"
 
     def drain() -> None:
-        for raw in proc.stdout:  # type: ignore[union-attr]
-            line = raw.decode(errors="replace")
-            if "this is a bug" in line or "Traceback" in line:
-                bugs.append(line.rstrip())
+        with log_path.open("w") as log:
+            log.write("\n".join(lines) + "\n")
+            for raw in proc.stdout:  # type: ignore[union-attr]
+                line = raw.decode(errors="replace")
+                log.write(line)
+                if "this is a bug" in line or "Traceback" in line:
+                    bugs.append(line.rstrip())
 
     threading.Thread(target=drain, daemon=True).start()
     router = psutil.Process(proc.pid)
@@ -191,6 +195,7 @@ def main() -> int:
           f"workers left behind: {len(survivors)}; bugs in the log: {len(bugs)}")
     for line in bugs[:5]:
         print("  " + line)
+    print(f"server log: {log_path}")
     ok = stats.counts.get("500", 0) == 0 and not survivors and not bugs and code == 0
     return 0 if ok else 1
 

@@ -97,6 +97,19 @@ class Manager:
         for name in effective_preload(self.settings):
             self._spawn_task(self._preload(name), f"preload-{name}")
 
+    def begin_shutdown(self) -> None:
+        """The server is stopping: refuse new requests (503) and cancel loads in progress.
+
+        Their waiters get a 503 at once and the loading workers are killed, so a SIGTERM
+        during a long load does not wait for it. Requests already served finish; ``close()``
+        then retires every model. Safe to call more than once.
+        """
+        self._closing = True
+        for slot in self.slots.values():
+            task = slot.load_task
+            if slot.state is State.LOADING and task is not None and not task.done():
+                task.cancel()
+
     async def close(self) -> None:
         """Retire every model (reason ``shutdown``) and remove the runtime dir."""
         self._closing = True
@@ -631,6 +644,10 @@ class Manager:
     @property
     def closed(self) -> bool:
         return self._closing
+
+    def _tasks_running(self) -> bool:
+        """Whether a background task (retire, load, ping, exit watcher of a live worker) runs."""
+        return any(not t.done() and not t.get_name().startswith("watch-") for t in self._tasks)
 
     def audit(self) -> list[str]:
         """The bookkeeping invariants (reliability matrix, leak guard); returns what is broken.

@@ -19,12 +19,59 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from supervisor import __version__
 from supervisor.api.body import read_body
 from supervisor.api.keys import MANAGER, METRICS, SHUTTING_DOWN, STARTED_AT
+from supervisor.errors import BadRequest
 from supervisor.lifecycle import State
 from supervisor.status import model_rows
 
 routes = web.RouteTableDef()
 
+_ERR = {code: {"$ref": f"#/components/responses/{name}"} for code, name in (
+    ("400", "BadRequest"), ("401", "Unauthorized"), ("403", "Forbidden"), ("404", "NotFound"),
+    ("409", "Conflict"), ("413", "PayloadTooLarge"), ("502", "WorkerFailed"),
+    ("503", "Unavailable"), ("504", "Timeout"))}
+_NAME = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"}
+_DURATION = {"oneOf": [{"type": "number", "minimum": 0}, {"type": "string", "maxLength": 32}]}
+
+
+def _op(summary: str, body: dict[str, Any] | None = None, *, media: str = "application/json",
+        required: bool = True) -> dict[str, Any]:
+    operation: dict[str, Any] = {
+        "summary": summary,
+        "responses": {"200": {"description": "success",
+                              "content": {media: {"schema": {"type": "object"}
+                                                  if media == "application/json"
+                                                  else {"type": "string"}}}},
+                      **_ERR},
+    }
+    if body is not None:
+        operation["requestBody"] = {"required": required, "content": {"application/json": {
+            "schema": {"type": "object", **body}}}}
+    return operation
+
+
+#: This module's routes for GET /openapi.json (see supervisor/api/openapi.py).
+OPENAPI_PATHS: dict[str, dict[str, Any]] = {
+    "/health": {"get": _op("Liveness (no API key needed)")},
+    "/api/v1/health": {"get": _op("Loaded models (Lemonade)")},
+    "/api/v1/status": {"get": _op("Every model: state, pid, memory, idle timeout")},
+    "/api/v1/load": {"post": _op("Load (and optionally pin) a model", {
+        "required": ["model_name"],
+        "properties": {"model_name": _NAME, "pinned": {"type": "boolean"},
+                       "idle_timeout": _DURATION}})},
+    "/api/v1/unload": {"post": _op("Unload one model, or all without model_name", {
+        "properties": {"model_name": _NAME, "force": {"type": "boolean"}}}, required=False)},
+    "/api/v1/timeout": {"post": _op("Set the idle timeout of one model or of all", {
+        "required": ["idle_timeout"],
+        "properties": {"model_name": _NAME, "idle_timeout": _DURATION}})},
+    "/api/v1/events": {"get": _op("Lifecycle events (server-sent events)",
+                                  media="text/event-stream")},
+    "/api/ps": {"get": _op("Resident models (Ollama)")},
+    "/metrics": {"get": _op("Prometheus metrics", media="text/plain")},
+}
+
 _SSE_KEEPALIVE_S = 15.0
+#: A load names a configured model; it never brings its own recipe, file or command.
+_LOAD_REFUSED_FIELDS = ("recipe", "path", "cmd", "command", "args", "options", "checkpoint")
 
 
 def _seconds_or_never(value: float) -> float | None:
@@ -84,6 +131,10 @@ async def status(request: web.Request) -> web.Response:
 async def load(request: web.Request) -> web.Response:
     manager = request.app[MANAGER]
     body = await read_body(request)
+    for field in _LOAD_REFUSED_FIELDS:
+        if field in body.data:
+            raise BadRequest(f"'{field}' is not accepted: models are loaded by name, from the "
+                             f"configured recipes only")
     name = body.model_name("model_name")
     assert name is not None
     pinned = body.boolean("pinned", default=False) if body.has("pinned") else None

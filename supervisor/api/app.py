@@ -18,6 +18,7 @@ from aiohttp import web
 
 from supervisor.api import admin, chat, compat, embeddings, openai, transcriptions
 from supervisor.api.keys import MANAGER, METRICS, SETTINGS, SHUTTING_DOWN, STARTED_AT
+from supervisor.api.openapi import routes as openapi_routes
 from supervisor.api.security import add_cors_headers, auth_middleware, loopback_only
 from supervisor.config import Settings, is_loopback_host
 from supervisor.errors import LemonadeError
@@ -90,6 +91,7 @@ def create_app(settings: Settings, *, runtime_base: str | None = None) -> web.Ap
     app.add_routes(chat.routes)
     app.add_routes(compat.routes)
     app.add_routes(transcriptions.routes)
+    app.add_routes(openapi_routes)
 
     async def manager_lifetime(app: web.Application) -> AsyncIterator[None]:
         await manager.start()

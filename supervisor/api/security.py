@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import urllib.parse
 from collections.abc import Awaitable, Callable
 
-from aiohttp import web
+from aiohttp import http_exceptions, web
 
 from supervisor.config import is_loopback_host
 from supervisor.errors import Forbidden, Unauthorized
@@ -32,8 +33,28 @@ _CORS_MAX_AGE_S = "600"
 _CORS_KEY = "lemonade.cors"
 
 
+class _ClientProtocolErrors(logging.Filter):
+    """aiohttp logs a malformed request (a 9 kB header, 200 headers, Content-Length with
+    Transfer-Encoding) at ERROR with a traceback, so any client could flood our log with
+    tracebacks. Such a request already got its 400; log it as one escaped INFO line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, http_exceptions.HttpProcessingError):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg = "malformed HTTP request refused (%s): %s"
+            record.args = (type(error).__name__, str(error.message)[:200].encode(
+                "unicode_escape").decode())
+            record.exc_info = record.exc_text = None
+        return True
+
+
+logging.getLogger("aiohttp.server").addFilter(_ClientProtocolErrors())
+
+
 def _digest(value: str) -> bytes:
-    return hashlib.sha256(value.encode()).digest()
+    # Header values may hold any byte (aiohttp keeps undecodable ones as surrogates).
+    return hashlib.sha256(value.encode("utf-8", "surrogateescape")).digest()
 
 
 def auth_middleware(api_key: str) -> Middleware:
@@ -65,6 +86,25 @@ def _is_preflight(request: web.Request) -> bool:
             and "Access-Control-Request-Method" in request.headers)
 
 
+def _origin_host(origin: str) -> str | None:
+    """The host of a well-formed ``scheme://host[:port]`` origin, else None.
+
+    An origin is exactly that: anything with user info, a path, a query or a fragment
+    (``http://user@localhost``, ``http://localhost?x``), ``null`` or an unknown scheme is
+    malformed and treated as not allowed.
+    """
+    try:
+        parts = urllib.parse.urlsplit(origin)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:  # e.g. "http://[oops"
+        return None
+    if (parts.scheme not in ("http", "https") or parts.username is not None
+            or parts.password is not None or parts.path not in ("", "/") or parts.query
+            or parts.fragment or "?" in origin or "#" in origin or "@" in origin):
+        return None
+    return parts.hostname
+
+
 @web.middleware
 async def loopback_only(request: web.Request, handler: Handler) -> web.StreamResponse:
     host = _hostname(request.headers.get("Host", "127.0.0.1"))
@@ -74,10 +114,7 @@ async def loopback_only(request: web.Request, handler: Handler) -> web.StreamRes
     origin = request.headers.get("Origin")
     if origin is None:
         return await handler(request)
-    try:
-        origin_host = urllib.parse.urlsplit(origin).hostname
-    except ValueError:  # e.g. "http://[oops"
-        origin_host = None
+    origin_host = _origin_host(origin)
     if origin_host is None or not is_loopback_host(origin_host):
         raise Forbidden(f"cross-origin request from '{origin[:100]}' refused: only "
                         "loopback origins may use this server")

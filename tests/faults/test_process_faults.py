@@ -236,3 +236,18 @@ async def test_p18_runtime_dir_removed_under_a_running_server(harness: HarnessFa
     assert other.status == 200
     assert h.manager.runtime_dir != old_dir
     assert (h.manager.runtime_dir.stat().st_mode & 0o777) == 0o700
+
+
+async def test_p15_begin_shutdown_cancels_a_load_in_progress(harness: HarnessFactory) -> None:
+    h = await harness({"m": {"load_seconds": 5}})
+    waiter = asyncio.ensure_future(h.speak("m"))
+    await wait_until(lambda: h.manager.slots["m"].pid is not None, 3.0, "the spawn")
+    pid = h.manager.slots["m"].pid
+    started = time.monotonic()
+    h.manager.begin_shutdown()
+    out = await waiter
+    assert out.status == 503 and out.error is not None and out.error.retry_after_header()
+    assert time.monotonic() - started < 1.0
+    assert pid is not None
+    await wait_until(lambda: process_gone(pid), 2.0, "the loading worker to be killed")
+    assert (await h.speak("m")).status == 503  # shutting down: nothing new starts

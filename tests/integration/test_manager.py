@@ -542,7 +542,8 @@ async def test_a_load_that_takes_too_long_is_a_504_and_the_worker_is_killed(
     make_manager: ManagerFactory,
 ) -> None:
     manager = await make_manager(
-        server(load_timeout="1s") + tts("a", options={"load_seconds": 30})
+        # Silent: the timeout is stall-based, and progress reports would extend it.
+        server(load_timeout="1s") + tts("a", options={"load_seconds": 30, "progress": False})
     )
     spawned: list[int] = []
     manager.events.listen(lambda e: spawned.append(e["pid"]) if e["event"] == "spawned" else None)

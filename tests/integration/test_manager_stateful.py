@@ -4,7 +4,8 @@ every step: timers only on idle ready models, no process behind an unloaded slot
 held, every request answered with audio or an acceptable error, nothing left at the end.
 
 Small by default because it spawns real processes (6 examples x 20 steps, ~10 s);
-``LEMONADE_STATEFUL_EXAMPLES`` and ``LEMONADE_STATEFUL_STEPS`` make it a soak run.
+``--soak`` makes it 1000 x 30, and ``LEMONADE_STATEFUL_EXAMPLES`` / ``_STEPS`` set any size.
+One model (``f``) breaks the protocol on every call, and ``Manager.audit()`` is an invariant.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from supervisor.errors import LemonadeError
 from supervisor.lifecycle import State
 from supervisor.manager import Manager
+from tests.conftest import soak_size
 from tests.helpers import process_gone, settings_from_toml
 
 MODELS = ("a", "b", "c")
@@ -44,7 +46,14 @@ latency_ms = {latency}
 chunks = 2
 """
     for name, latency in zip(MODELS, (30, 80, 150), strict=True)
-)
+) + """
+[models.f]
+recipe = "synthetic"
+type = "tts"
+[models.f.options]
+chunks = 2
+fault = "garbage_mid_call"
+"""
 #: What a client may legitimately get while models are being unloaded and killed under it:
 #: 502 (its worker died or was force-unloaded), 503 (its load was cancelled, or a cooldown).
 ACCEPTABLE_STATUSES = {502, 503}
@@ -59,6 +68,7 @@ class ManagerMachine(RuleBasedStateMachine):
         self.loop.run_until_complete(self.manager.start())
         self.requests: list[asyncio.Task[Any]] = []
         self.pids: set[int] = set()
+        self.completed = 0
 
     # ------------------------------------------------------------------ helpers
 
@@ -79,6 +89,7 @@ class ManagerMachine(RuleBasedStateMachine):
             error = task.exception()
             if error is None:
                 assert task.result().startswith(b"RIFF")
+                self.completed += 1
             else:
                 assert isinstance(error, LemonadeError), repr(error)
                 assert error.status in ACCEPTABLE_STATUSES, (error.status, error.message)
@@ -90,6 +101,12 @@ class ManagerMachine(RuleBasedStateMachine):
     def request(self, name: str, keep_alive: float | None) -> None:
         self.requests.append(self.loop.create_task(self._speak(name, keep_alive)))
         self.run(0.02)
+
+    @rule()
+    def faulty_request(self) -> None:
+        # A worker that breaks the protocol mid-call (S1): 502, killed, cap still held.
+        self.requests.append(self.loop.create_task(self._speak("f", None)))
+        self.run(0.05)
 
     @rule(seconds=st.sampled_from([0.05, 0.2, 0.5]))
     def wait(self, seconds: float) -> None:
@@ -121,6 +138,10 @@ class ManagerMachine(RuleBasedStateMachine):
         self.loop.run_until_complete(in_loop())
 
     # ------------------------------------------------------------------ invariants
+
+    @invariant()
+    def manager_audit_is_clean(self) -> None:
+        assert self.manager.audit() == []
 
     @invariant()
     def slots_are_consistent(self) -> None:
@@ -160,8 +181,8 @@ class ManagerMachine(RuleBasedStateMachine):
 def test_manager_lifecycle_invariants_hold_under_random_interleavings() -> None:
     run = ManagerMachine.TestCase
     run.settings = settings(
-        max_examples=int(os.environ.get("LEMONADE_STATEFUL_EXAMPLES", "6")),
-        stateful_step_count=int(os.environ.get("LEMONADE_STATEFUL_STEPS", "20")),
+        max_examples=int(os.environ.get("LEMONADE_STATEFUL_EXAMPLES") or soak_size(6, 1000)),
+        stateful_step_count=int(os.environ.get("LEMONADE_STATEFUL_STEPS") or soak_size(20, 30)),
         deadline=None,
         suppress_health_check=list(HealthCheck),
     )
