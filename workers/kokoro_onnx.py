@@ -21,7 +21,6 @@ Recipe options (all optional)::
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 import time
@@ -31,7 +30,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from workers import audio
 from workers.base import (
     CallContext,
     LoadContext,
@@ -40,20 +38,16 @@ from workers.base import (
     Model,
     ModelError,
     data_dir,
-    invalid,
 )
 from workers.kokoro_onnx_assets import assembled_model, load_voices, vocab
 from workers.ort_setup import import_onnxruntime
 from workers.protocol import WARMUP_OP, ErrorCode
+from workers.speech import deliver, parse_speech_args
 from workers.voice_spec import parse_voice_spec
 
 SAMPLE_RATE = 24000
-MAX_INPUT_CHARS = 4096
 MAX_TOKENS = 510
-MIN_SPEED, MAX_SPEED = 0.25, 4.0
 DEFAULT_VOICE = "jf_alpha"
-#: Largest chunk sent to the supervisor at once (the route joins or relays the pieces).
-MAX_EMIT_BYTES = 1024 * 1024
 _OPTIONS = ("model", "voices", "voice", "threads", "g2p", "british", "type")
 
 
@@ -184,28 +178,10 @@ class KokoroOnnxModel(Model):
         if op != "speech":
             raise ModelError(ErrorCode.UNSUPPORTED,
                              f"kokoro-onnx supports ops speech, voices and warmup, not {op!r:.40}")
-        text, voice, fmt, speed, stream = _speech_args(args)
-        style = self._style(voice)
-        if stream:
-            encoder = audio.AudioStream(fmt, SAMPLE_RATE)
-        total = 0
-        chunks = 0
-        whole: list[np.ndarray[Any, Any]] = []
-        for samples in self._synthesize(text, style, speed, ctx):
-            total += len(samples)
-            chunks += 1
-            if stream:
-                _emit(ctx, encoder.write(samples))
-            else:
-                whole.append(samples)
-        if chunks == 0:
-            raise invalid("input has nothing to speak (no words after phonemization)")
-        if stream:
-            _emit(ctx, encoder.close())
-        else:
-            _emit(ctx, audio.encode(np.concatenate(whole), SAMPLE_RATE, fmt))
-        return {"sample_rate": SAMPLE_RATE, "seconds": round(total / SAMPLE_RATE, 3),
-                "chunks": chunks}
+        request = parse_speech_args(args)
+        style = self._style(request.voice)
+        return deliver(self._synthesize(request.text, style, request.speed, ctx), request,
+                       SAMPLE_RATE, ctx)
 
     def _style(self, voice: str | None) -> np.ndarray[Any, Any]:
         """The style table of a voice or a weighted blend of voices."""
@@ -232,39 +208,6 @@ class KokoroOnnxModel(Model):
                 "speed": np.array([speed], dtype=np.float32),
             })[0]
             yield np.asarray(out, dtype=np.float32).reshape(-1)
-
-
-def _emit(ctx: CallContext, data: bytes) -> None:
-    """Send ``data`` in frames well under the protocol's frame limit.
-
-    4096 characters at speed 0.25 is over 15 minutes of audio (about 45 MB of WAV); one frame
-    that size would break workers.protocol.MAX_WORKER_FRAME_BYTES and cost the worker.
-    """
-    for start in range(0, len(data), MAX_EMIT_BYTES):
-        ctx.emit(data[start:start + MAX_EMIT_BYTES])
-
-
-def _speech_args(args: Mapping[str, Any]) -> tuple[str, str | None, str, float, bool]:
-    text = args.get("input")
-    if not isinstance(text, str) or not text.strip():
-        raise invalid("input must be a non-empty string")
-    if len(text) > MAX_INPUT_CHARS:
-        raise invalid(f"input is {len(text)} characters long; the limit is {MAX_INPUT_CHARS}")
-    voice = args.get("voice")
-    if voice is not None and not isinstance(voice, str):
-        raise invalid("voice must be a string (a voice name or a blend like 'a(2)+b')")
-    fmt = args.get("response_format", "wav")
-    if fmt not in audio.FORMATS:
-        raise invalid(f"response_format must be one of {', '.join(audio.FORMATS)}; "
-                      f"got {fmt!r:.40}")
-    speed = args.get("speed", 1.0)
-    if (isinstance(speed, bool) or not isinstance(speed, int | float)
-            or not math.isfinite(speed) or not MIN_SPEED <= speed <= MAX_SPEED):
-        raise invalid(f"speed must be a number between {MIN_SPEED:g} and {MAX_SPEED:g}")
-    stream = args.get("stream", False)
-    if not isinstance(stream, bool):
-        raise invalid("stream must be true or false")
-    return text, voice, str(fmt), float(speed), stream
 
 
 def _providers(ort: Any, device: str) -> tuple[list[Any], str]:

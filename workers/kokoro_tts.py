@@ -31,11 +31,10 @@ import os
 import threading
 import time
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from workers.audio import FORMATS, AudioStream, encode
 from workers.base import (
     CallContext,
     LoadContext,
@@ -44,17 +43,15 @@ from workers.base import (
     Model,
     ModelError,
     data_dir,
-    invalid,
 )
 from workers.english_g2p import EnglishPhonemizer
 from workers.protocol import WARMUP_OP, ErrorCode
+from workers.speech import SpeechRequest, deliver, parse_speech_args
 from workers.voice_spec import parse_voice_spec
 
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 24000
-MAX_INPUT_CHARS = 4096
-MIN_SPEED, MAX_SPEED = 0.25, 4.0
 DEFAULT_VOICE = "af_heart"
 SHIPPED_CONFIG = Path(__file__).with_name("data") / "kokoro-82m-config.json"
 #: Kokoro-82M's English voices; with random weights each gets a seeded random style pack.
@@ -286,40 +283,24 @@ class KokoroModel(Model):
         raise ModelError(ErrorCode.UNSUPPORTED, f"the kokoro kind has no op {op!r}")
 
     def _speak(self, args: Mapping[str, Any], ctx: CallContext, *, emit: bool) -> dict[str, Any]:
-        import numpy as np
+        request = parse_speech_args(args)
+        blend = parse_voice_spec(request.voice or self._default_voice, self._voices)
+        style = sum(weight * self._pack(name) for name, weight in blend)
+        return deliver(self._synthesize(request, style, ctx), request, SAMPLE_RATE, ctx,
+                       emit=emit)
+
+    def _synthesize(self, request: SpeechRequest, style: Any, ctx: CallContext) -> Iterator[Any]:
+        """Float samples per sentence-sized chunk; stops before the next one if cancelled."""
         import torch
 
-        text, fmt, speed, stream = _speech_args(args)
-        blend = parse_voice_spec(str(args.get("voice") or self._default_voice), self._voices)
-        style = sum(weight * self._pack(name) for name, weight in blend)
         assert self._phonemizer is not None and self._model is not None
-        encoder = AudioStream(fmt, SAMPLE_RATE) if stream else None
-        pieces: list[Any] = []
-        seconds = 0.0
-        chunks = 0
-        for chunk in self._phonemizer.chunks(text):
+        for chunk in self._phonemizer.chunks(request.text):
             ctx.check_cancelled()
             ref = style[len(chunk.phonemes) - 1].to(self._device)
             with self._forward_lock, torch.inference_mode():
                 ctx.check_cancelled()
-                audio = self._model(chunk.phonemes, ref, speed).float().cpu().numpy()
-            chunks += 1
-            seconds += len(audio) / SAMPLE_RATE
-            if encoder is not None:
-                piece = encoder.write(audio)
-                if piece and emit:
-                    ctx.emit(piece)
-            else:
-                pieces.append(audio)
-        if chunks == 0:
-            raise invalid("input has nothing to speak (no pronounceable words)")
-        if encoder is not None:
-            tail = encoder.close()
-            if tail and emit:
-                ctx.emit(tail)
-        elif emit:
-            ctx.emit(encode(np.concatenate(pieces), SAMPLE_RATE, fmt))
-        return {"sample_rate": SAMPLE_RATE, "seconds": round(seconds, 3), "chunks": chunks}
+                audio = self._model(chunk.phonemes, ref, request.speed)
+            yield audio.float().cpu().numpy()
 
     def vram_bytes(self) -> int:
         if not self._device.startswith("cuda"):
@@ -374,19 +355,3 @@ def _nvml_process_bytes() -> int:
             pynvml.nvmlShutdown()
     except Exception:  # NVML present but unusable (no driver, no permission): not fatal
         return 0
-
-
-def _speech_args(args: Mapping[str, Any]) -> tuple[str, str, float, bool]:
-    text = args.get("input")
-    if not isinstance(text, str) or not text.strip():
-        raise invalid("input must be a non-empty string")
-    if len(text) > MAX_INPUT_CHARS:
-        raise invalid(f"input is longer than {MAX_INPUT_CHARS} characters")
-    fmt = args.get("response_format", "wav")
-    if fmt not in FORMATS:
-        raise invalid(f"response_format must be one of {', '.join(FORMATS)}; got {fmt!r}")
-    speed = args.get("speed", 1.0)
-    if (not isinstance(speed, int | float) or isinstance(speed, bool)
-            or not MIN_SPEED <= speed <= MAX_SPEED):
-        raise invalid(f"speed must be a number from {MIN_SPEED} to {MAX_SPEED}; got {speed!r}")
-    return text, str(fmt), float(speed), bool(args.get("stream", False))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,10 +23,7 @@ import soundfile as sf
 from supervisor.errors import BadRequest, LemonadeError
 from supervisor.manager import Manager
 from tests.integration.conftest import ManagerFactory
-from workers.base import CallContext
-from workers.kokoro_onnx import MAX_EMIT_BYTES, _emit
 from workers.kokoro_onnx_assets import MODEL_FILE, assembled_model, expected_sha256
-from workers.protocol import MAX_WORKER_FRAME_BYTES
 
 CONFIG = """
 [server]
@@ -131,13 +127,3 @@ async def test_a_missing_voices_file_fails_the_load_naming_the_option(
     with pytest.raises(LemonadeError) as caught:
         await speak(manager, "Hi.")
     assert "option 'voices'" in caught.value.message and str(missing) in caught.value.message
-
-
-def test_long_audio_leaves_the_worker_in_frames_below_the_protocol_limit() -> None:
-    sent: list[bytes] = []
-    ctx = CallContext(sent.append, threading.Event())
-    audio = bytes(range(256)) * (MAX_EMIT_BYTES // 64)  # 4 MiB
-    _emit(ctx, audio)
-    assert len(sent) == 4 and all(len(p) <= MAX_EMIT_BYTES for p in sent)
-    assert b"".join(sent) == audio
-    assert MAX_EMIT_BYTES * 4 < MAX_WORKER_FRAME_BYTES

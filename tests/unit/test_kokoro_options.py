@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from workers.base import CallContext, LoadContext, LoadRequest, ModelError
-from workers.kokoro_tts import KokoroModel, _speech_args
+from workers.kokoro_tts import KokoroModel
 
 
 def load(options: dict[str, Any], device: str = "cpu") -> None:
@@ -45,20 +45,6 @@ def test_a_config_without_vocab_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ModelError) as err:
         load({"config": str(config)})
     assert err.value.code == "bad_config" and "not a Kokoro config" in err.value.message
-
-
-@pytest.mark.parametrize(("args", "words"), [
-    ({}, "input must be a non-empty string"),
-    ({"input": "   "}, "input must be a non-empty string"),
-    ({"input": "x" * 4097}, "longer than 4096"),
-    ({"input": "hi", "response_format": "aac"}, "response_format must be one of"),
-    ({"input": "hi", "speed": 0.1}, "speed must be a number from 0.25 to 4.0"),
-    ({"input": "hi", "speed": True}, "speed must be a number"),
-])
-def test_worker_side_speech_checks(args, words) -> None:
-    with pytest.raises(ModelError) as err:
-        _speech_args(args)
-    assert err.value.code == "invalid_request" and words in err.value.message
 
 
 def test_an_unloaded_model_refuses_unknown_ops() -> None:
