@@ -125,6 +125,8 @@ class Recipe:
     preload: bool = False
     warmup: bool = False
     max_concurrency: int = 4
+    #: Requests that may wait beyond ``max_concurrency``; more get 429 (None: no limit).
+    max_queue: int | None = None
     options: Mapping[str, Any] = field(default_factory=FrozenDict)
     source: str = ""
 
@@ -214,7 +216,7 @@ _SERVER_FILE_KEYS = (*(k.key for k in _SERVER_KEYS), "max_loaded_per_type")
 _CLI_KEYS = ("config", "recipes", *(k.key for k in _SERVER_KEYS))
 _MODEL_KEYS = tuple(
     "recipe type device idle_timeout priority memory group pinned preload warmup "
-    "max_concurrency options".split()
+    "max_concurrency max_queue options".split()
 )
 _GROUP_KEYS = ("exclusive",)
 _SERVER_FIELDS = (*(k.field for k in _SERVER_KEYS), "max_loaded_per_type", "api_key")
@@ -357,6 +359,12 @@ def _parse_model(name: str, raw: Any, path: str, kinds: Callable[[], tuple[str, 
             table["max_concurrency"], f"{at} max_concurrency", False
         )
 
+    max_queue = None
+    if "max_queue" in table:
+        max_queue = as_int(table["max_queue"], f"{at} max_queue", False, "an integer >= 0")
+        if max_queue < 0:
+            fail(f"{at} max_queue", "an integer >= 0", table["max_queue"])
+
     return Recipe(
         name=name,
         kind=kind,
@@ -370,6 +378,7 @@ def _parse_model(name: str, raw: Any, path: str, kinds: Callable[[], tuple[str, 
         preload=as_bool(table.get("preload", False), f"{at} preload"),
         warmup=as_bool(table.get("warmup", False), f"{at} warmup"),
         max_concurrency=max_concurrency,
+        max_queue=max_queue,
         options=options,
         source=path,
     )

@@ -11,6 +11,7 @@ not a :class:`LemonadeError` reaching that middleware is a bug and is logged as 
     ├── ModelNotFound           404 model_not_found
     ├── Conflict                409 (pinned / protected by priority / can never fit)
     ├── PayloadTooLarge         413
+    ├── TooManyRequests         429 + Retry-After (the model's max_queue is full)
     ├── WorkerFailed            502 (worker died, broke the protocol, or failed inside)
     ├── ServiceUnavailable      503 + Retry-After (load failed, busy, cooling down)
     └── GatewayTimeout          504 (load or call took too long)
@@ -77,6 +78,12 @@ class PayloadTooLarge(LemonadeError):
     status = 413
     type = "invalid_request_error"
     code = "payload_too_large"
+
+
+class TooManyRequests(LemonadeError):
+    status = 429
+    type = "rate_limit_error"
+    code = "model_queue_full"
 
 
 class WorkerFailed(LemonadeError):

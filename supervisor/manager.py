@@ -36,6 +36,7 @@ from supervisor.errors import (
     LemonadeError,
     ModelNotFound,
     ServiceUnavailable,
+    TooManyRequests,
     WorkerFailed,
 )
 from supervisor.events import EventBus
@@ -175,10 +176,25 @@ class Manager:
         finally:
             self.release(slot)
 
-    async def ensure_ready(self, name: str, *, keep_alive_s: float | None = None) -> Slot:
-        """Return the slot READY with ``in_flight`` already counted for the caller."""
+    async def ensure_ready(
+        self, name: str, *, keep_alive_s: float | None = None, limited: bool = True
+    ) -> Slot:
+        """Return the slot READY with ``in_flight`` already counted for the caller.
+
+        ``limited``: apply the recipe's ``max_queue`` (requests beyond ``max_concurrency``
+        that may wait; one more is a 429 with Retry-After). Admin loads are not limited.
+        """
         slot = self.slot(name)
         loop = asyncio.get_running_loop()
+        max_queue = slot.recipe.max_queue
+        if limited and max_queue is not None and not self._closing:
+            held = slot.in_flight + slot.waiters
+            if held >= slot.recipe.max_concurrency + max_queue:
+                raise TooManyRequests(
+                    f"model '{name}' already has {held} request(s) running or waiting "
+                    f"(max_concurrency {slot.recipe.max_concurrency} + max_queue {max_queue})",
+                    retry_after_s=1,
+                )
         while True:
             if self._closing:
                 raise ServiceUnavailable("the server is shutting down", retry_after_s=5)
@@ -262,7 +278,7 @@ class Manager:
             slot.pinned_override = pinned
         if idle_timeout_s is not None:
             slot.runtime_idle_timeout_s = idle_timeout_s
-        slot = await self.ensure_ready(name)
+        slot = await self.ensure_ready(name, limited=False)
         self.release(slot)
         return slot
 

@@ -58,6 +58,7 @@ _ERRORS = {
 _MODEL_ERRORS = {
     **_ERRORS,
     "409": {"$ref": "#/components/responses/Conflict"},
+    "429": {"$ref": "#/components/responses/TooManyRequests"},
     "502": {"$ref": "#/components/responses/WorkerFailed"},
     "503": {"$ref": "#/components/responses/Unavailable"},
     "504": {"$ref": "#/components/responses/Timeout"},
@@ -116,6 +117,7 @@ _COMPONENTS: dict[str, Any] = {
             ("NotFound", "unknown model or route"),
             ("Conflict", "pinned, protected, or can never fit"),
             ("PayloadTooLarge", "body over the limit"),
+            ("TooManyRequests", "the model's max_queue is full (Retry-After)"),
             ("WorkerFailed", "the worker died or broke the protocol"),
             ("Unavailable", "load failed, busy, cooling down or shutting down (Retry-After)"),
             ("Timeout", "load or call took too long"),

@@ -251,3 +251,18 @@ async def test_p15_begin_shutdown_cancels_a_load_in_progress(harness: HarnessFac
     assert pid is not None
     await wait_until(lambda: process_gone(pid), 2.0, "the loading worker to be killed")
     assert (await h.speak("m")).status == 503  # shutting down: nothing new starts
+
+
+async def test_h5_per_model_queue_limit_is_429_with_retry_after(harness: HarnessFactory) -> None:
+    h = await harness({"m": {"latency_ms": 400}},
+                      recipe_keys={"m": {"max_concurrency": 2, "max_queue": 1}})
+    await h.manager.load("m")  # an admin load is never refused by the queue limit
+    outcomes = await asyncio.gather(*(h.speak("m") for _ in range(10)))
+    statuses = sorted(out.status for out in outcomes)
+    assert statuses == [200] * 3 + [429] * 7, statuses
+    for out in outcomes:
+        if out.error is not None:
+            assert out.error.code == "model_queue_full"
+            assert out.error.retry_after_header() == "1"
+    assert h.manager.slots["m"].in_flight == 0
+    assert (await h.speak("m")).status == 200  # the limit is on what is held, not a ban

@@ -821,3 +821,12 @@ def test_data_dir_rejects_an_empty_path(tmp_path: Path) -> None:
     (tmp_path / "lemonade.toml").write_text('[server]\ndata_dir = ""\n')
     with pytest.raises(ConfigError, match="data_dir: expected a directory path"):
         load_settings(env={}, cwd=tmp_path)
+
+
+def test_max_queue_recipe_key(tmp_path: Path) -> None:
+    base = '[models.tts1]\nrecipe = "synthetic"\n'
+    assert load(tmp_path, base).models["tts1"].max_queue is None
+    assert load(tmp_path, base + "max_queue = 0\n").models["tts1"].max_queue == 0
+    for bad in ("-1", '"3"', "true", "1.5"):
+        with pytest.raises(ConfigError, match="max_queue"):
+            load(tmp_path, base + f"max_queue = {bad}\n")
