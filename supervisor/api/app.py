@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+#: nginx's status for a request whose client closed the connection first.
+CLIENT_CLOSED_REQUEST = 499
 #: Bodies are small JSON documents; audio uploads (later) get their own, larger limit.
 MAX_BODY_BYTES = 1024 * 1024
 
@@ -53,6 +55,11 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         if e.status == 401:
             headers["WWW-Authenticate"] = "Bearer"
         return error_response(e.status, e.message, type_=e.type, code=e.code, headers=headers)
+    except ConnectionResetError:
+        # The client hung up while its answer was being written: there is nobody left to
+        # answer and nothing is broken. 499 ("client closed request") only reaches the log.
+        log.info("client went away during %s %s", request.method, request.path)
+        return web.Response(status=CLIENT_CLOSED_REQUEST)
     except web.HTTPException as e:
         if e.status < 400:
             raise
@@ -102,6 +109,9 @@ def create_app(settings: Settings, *, runtime_base: str | None = None) -> web.Ap
 
     async def end_event_streams(app: web.Application) -> None:
         app[SHUTTING_DOWN].set()
+        # New requests get 503 and loads in progress are cancelled, so a SIGTERM during a
+        # long load does not wait for it.
+        manager.begin_shutdown()
 
     app.on_shutdown.append(end_event_streams)
     app.on_response_prepare.append(add_cors_headers)
