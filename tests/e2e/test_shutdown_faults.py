@@ -57,8 +57,8 @@ def test_p15_sigterm_during_a_load_exits_without_hanging(start_server) -> None: 
     took = time.monotonic() - started
     client.join(10)
     assert code == 0
-    # The request that waited for the load is answered (served, or 503 while shutting down).
-    assert answers and answers[0] in (200, 503), answers
-    # The load (3 s) is not cut short today; the bound is the load left plus stop_grace.
-    assert took <= 3 + 1 + 1.5, took
+    # The request that waited for the load is told at once that the server is going away,
+    # and the load (3 s) is cut short: the exit takes about stop_grace, not the load left.
+    assert answers == [503], answers
+    assert took <= 1 + 1.5, took
     assert all(pid_gone(p) for p in pids)
