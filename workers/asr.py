@@ -39,6 +39,7 @@ from workers.base import (
     LoadResult,
     Model,
     ModelError,
+    check_options,
     invalid,
 )
 from workers.ort_setup import import_onnxruntime
@@ -116,10 +117,7 @@ class WhisperModel(Model):
 
     def load(self, request: LoadRequest, ctx: LoadContext) -> LoadResult:
         options = request.options
-        unknown = sorted(str(k) for k in options if k not in _OPTIONS)
-        if unknown:
-            raise _bad(f"unknown asr option(s) {', '.join(map(repr, unknown))}; "
-                       f"allowed: {', '.join(_OPTIONS)}")
+        check_options("asr", options, _OPTIONS)
         if options.get("type", "asr") != "asr":
             raise _bad("asr kind serves only type 'asr'")
         source, local = _resolve_model(options)

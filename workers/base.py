@@ -104,6 +104,17 @@ class Model(ABC):
         return 0
 
 
+def check_options(kind: str, options: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
+    """Refuse unknown recipe options by name (a typo must not be silently ignored)."""
+    unknown = sorted(str(k) for k in options if k not in allowed)
+    if unknown:
+        raise ModelError(
+            ErrorCode.BAD_CONFIG,
+            f"unknown {kind} option(s) {', '.join(map(repr, unknown))}; "
+            f"allowed: {', '.join(allowed)}",
+        )
+
+
 def invalid(message: str) -> ModelError:
     """Shorthand for the common 400-class error."""
     return ModelError(ErrorCode.INVALID_REQUEST, message)

@@ -45,6 +45,7 @@ from workers.base import (
     LoadResult,
     Model,
     ModelError,
+    check_options,
     invalid,
 )
 from workers.protocol import WARMUP_OP, ErrorCode
@@ -121,10 +122,7 @@ class EmbeddingModel(Model):
 
     def load(self, request: LoadRequest, ctx: LoadContext) -> LoadResult:
         options = request.options
-        unknown = sorted(str(k) for k in options if k not in _OPTIONS)
-        if unknown:
-            raise _bad(f"unknown embedding option(s) {', '.join(map(repr, unknown))}; "
-                       f"allowed: {', '.join(_OPTIONS)}")
+        check_options("embedding", options, _OPTIONS)
         if options.get("type", "embedding") != "embedding" or request.type != "embedding":
             raise _bad("the embedding kind serves only the 'embedding' type")
         source = options.get("model")

@@ -37,6 +37,7 @@ from workers.base import (
     LoadResult,
     Model,
     ModelError,
+    check_options,
     data_dir,
 )
 from workers.kokoro_onnx_assets import assembled_model, load_voices, vocab
@@ -85,10 +86,7 @@ class KokoroOnnxModel(Model):
 
     def load(self, request: LoadRequest, ctx: LoadContext) -> LoadResult:
         options = request.options
-        unknown = sorted(str(k) for k in options if k not in _OPTIONS)
-        if unknown:
-            raise _bad(f"unknown kokoro-onnx option(s) {', '.join(map(repr, unknown))}; "
-                       f"allowed: {', '.join(_OPTIONS)}")
+        check_options("kokoro-onnx", options, _OPTIONS)
         if options.get("type", "tts") != "tts":
             raise _bad("kokoro-onnx kind serves only type 'tts'")
         threads = options.get("threads", min(4, os.cpu_count() or 1))

@@ -42,6 +42,7 @@ from workers.base import (
     LoadResult,
     Model,
     ModelError,
+    check_options,
     data_dir,
 )
 from workers.english_g2p import EnglishPhonemizer
@@ -89,10 +90,7 @@ class KokoroModel(Model):
 
     def load(self, request: LoadRequest, ctx: LoadContext) -> LoadResult:
         options = dict(request.options)
-        unknown = sorted(set(options) - set(_OPTIONS))
-        if unknown:
-            raise _bad_config(f"unknown option(s) {', '.join(unknown)}; "
-                              f"known: {', '.join(_OPTIONS)}")
+        check_options("kokoro", options, _OPTIONS)
         lang = str(options.get("lang", "a"))
         if lang not in ("a", "b"):
             raise _bad_config(

@@ -58,6 +58,7 @@ from workers.base import (
     LoadResult,
     Model,
     ModelError,
+    check_options,
     data_dir,
     invalid,
 )
@@ -207,10 +208,7 @@ class CausalLMModel(Model):
 
     def load(self, request: LoadRequest, ctx: LoadContext) -> LoadResult:
         options = request.options
-        unknown = sorted(str(k) for k in options if k not in _OPTIONS)
-        if unknown:
-            raise _bad(f"unknown llm option(s) {', '.join(map(repr, unknown))}; "
-                       f"allowed: {', '.join(_OPTIONS)}")
+        check_options("llm", options, _OPTIONS)
         if options.get("type", "llm") != "llm" or request.type != "llm":
             raise _bad("the llm kind serves only the 'llm' type")
         dtype_name = options.get("dtype", "auto")

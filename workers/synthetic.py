@@ -76,6 +76,7 @@ from workers.base import (
     LoadResult,
     Model,
     ModelError,
+    check_options,
     invalid,
 )
 from workers.protocol import WARMUP_OP, Chunk, ErrorCode, encode
@@ -186,12 +187,7 @@ class SyntheticConfig:
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any], default_type: str) -> SyntheticConfig:
-        unknown = sorted(str(k) for k in options if k not in _OPTIONS)
-        if unknown:
-            raise _bad(
-                f"unknown synthetic option(s) {', '.join(map(repr, unknown))}; "
-                f"allowed: {', '.join(_OPTIONS)}"
-            )
+        check_options("synthetic", options, _OPTIONS)
         model_type = options.get("type", default_type)
         if not isinstance(model_type, str):
             raise _bad(f"synthetic option 'type' must be a string, got {model_type!r:.60}")

@@ -19,7 +19,7 @@ def load(options: dict[str, Any], device: str = "cpu") -> None:
 
 
 @pytest.mark.parametrize(("options", "words"), [
-    ({"weigths": "random"}, "unknown option(s) weigths"),
+    ({"weigths": "random"}, "unknown kokoro option(s) 'weigths'"),
     ({"lang": "fr"}, "option lang"),
     ({"g2p": "festival"}, "option g2p"),
     ({"seed": "zero"}, "option seed"),
