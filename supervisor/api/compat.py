@@ -9,7 +9,6 @@ Response fields are the ones those projects document.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 
@@ -93,5 +92,4 @@ async def model_timeout(request: web.Request) -> web.Response:
         raise BadRequest("'timeout_seconds' is required (seconds, at least 60)")
     seconds = body.number("timeout_seconds", default=0, low=MIN_TIMEOUT_S, high=365 * 86400)
     manager.set_idle_timeout(slot.name, seconds)
-    await asyncio.sleep(0)  # let a re-armed timer register before the response
     return web.json_response({"message": f"Timeout updated to {seconds:g} seconds"})
