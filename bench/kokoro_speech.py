@@ -14,17 +14,14 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import re
 import statistics
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import psutil
+from harness import ServerProcess
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Lemonade keeps each model in its own "
         "process, and unloading a model ends that process. Every byte of its memory goes "
@@ -40,42 +37,7 @@ weights = "{weights}"
 """
 
 
-class Server:
-    def __init__(self, config: str, workdir: Path) -> None:
-        path = workdir / "lemonade.toml"
-        path.write_text(config)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "supervisor.cli", "serve", "--config", str(path), "--port",
-             "0", "--log-level", "info"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=workdir,
-        )
-        self.port = 0
-        ready = threading.Event()
-        threading.Thread(target=self._drain, args=(ready,), daemon=True).start()
-        if not ready.wait(30) or not self.port:
-            self.proc.kill()
-            raise SystemExit("the server did not start")
-
-    def _drain(self, ready: threading.Event) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            match = re.search(rb"listening on http://\S+:(\d+)", raw)
-            if match:
-                self.port = int(match.group(1))
-                ready.set()
-        ready.set()
-
-    def request(self, method: str, path: str, body: Any = None) -> Any:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
-        conn.request(method, path, body=None if body is None else json.dumps(body),
-                     headers={"Content-Type": "application/json"})
-        response = conn.getresponse()
-        data = response.read()
-        conn.close()
-        if response.status != 200:
-            raise SystemExit(f"{method} {path}: {response.status} {data[:300]!r}")
-        return json.loads(data)
-
+class Server(ServerProcess):
     def speak(self) -> tuple[float, float, int]:
         """(seconds to the first audio byte, seconds to the last, audio bytes) for TEXT."""
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
@@ -95,12 +57,7 @@ class Server:
         return ttfb, time.perf_counter() - started, total
 
     def row(self) -> dict[str, Any]:
-        status = self.request("GET", "/api/v1/status")
-        return next(r for r in status["models"] if r["name"] == "kokoro")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
+        return self.model_row("kokoro")
 
 
 def main() -> None:
