@@ -57,6 +57,10 @@ def main() -> None:
 @click.option("--data-dir",
               help="Folder for worker caches (converted weights). "
                    "[env LEMONADE_DATA_DIR; default .lemonade next to the config file]")
+@click.option("--zygotes", type=click.Choice(["off", "lazy", "eager"]),
+              help="Start workers by forking a per-kind template process that has the heavy "
+                   "modules imported (lazy: made on a kind's first load; eager: at start) or "
+                   "by a fresh spawn (off). [env LEMONADE_ZYGOTES; default lazy]")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               help="[env LEMONADE_LOG_LEVEL; default info]")
 def serve(**options: Any) -> None:

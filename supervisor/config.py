@@ -41,6 +41,7 @@ from supervisor.config_values import (
     parse_port,
     parse_positive_int,
     parse_preload,
+    parse_zygotes,
 )
 from supervisor.units import parse_size
 from workers.protocol import BUILTIN_KINDS, MODEL_TYPES
@@ -161,6 +162,8 @@ class Settings:
     models: Mapping[str, Recipe] = field(default_factory=FrozenDict)
     #: Where workers keep caches (converted weights, assembled models); made on first use.
     data_dir: str = ".lemonade"
+    #: Worker start: "off" (always spawn), "lazy" or "eager" (fork from a per-kind zygote).
+    zygotes: str = "lazy"
     config_path: str | None = None
     sources: Mapping[str, str] = field(default_factory=FrozenDict)
 
@@ -210,6 +213,7 @@ _SERVER_KEYS: tuple[_ServerKey, ...] = tuple(
         ("log_level", "log_level", parse_log_level, ""),
         ("preload", "preload", parse_preload, ""),
         ("data_dir", "data_dir", parse_path, ""),
+        ("zygotes", "zygotes", parse_zygotes, ""),
     )
 )
 _SERVER_FILE_KEYS = (*(k.key for k in _SERVER_KEYS), "max_loaded_per_type")

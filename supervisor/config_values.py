@@ -142,6 +142,20 @@ def parse_log_level(value: Any, where: str, textual: bool) -> str:
     return level
 
 
+#: How workers start: ``off`` spawns a fresh interpreter every time; ``lazy`` forks them from a
+#: per-kind template process (a zygote) started the first time a kind loads; ``eager`` starts
+#: the zygote of every configured kind with the server.
+ZYGOTE_MODES = ("off", "lazy", "eager")
+
+
+def parse_zygotes(value: Any, where: str, textual: bool) -> str:
+    expected = "one of " + ", ".join(ZYGOTE_MODES)
+    mode = as_str(value, where, expected).strip().lower()
+    if mode not in ZYGOTE_MODES:
+        fail(where, expected, value)
+    return mode
+
+
 def parse_preload(value: Any, where: str, textual: bool) -> tuple[str, ...]:
     if textual and isinstance(value, str):
         items: list[Any] = [value]
