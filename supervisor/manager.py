@@ -42,8 +42,9 @@ from supervisor.errors import (
 from supervisor.events import EventBus
 from supervisor.lifecycle import IdleTimer, Slot, State
 from supervisor.placement import limits, residents, resolve_budget, target_of
-from supervisor.process import WorkerProcess
+from supervisor.process import WorkerProcess, worker_environment
 from supervisor.rundir import create_runtime_dir
+from supervisor.zygote import ZygotePool
 from workers.protocol import WARMUP_OP, ErrorCode, Progress
 
 log = logging.getLogger(__name__)
@@ -89,12 +90,21 @@ class Manager:
         self._heartbeat: asyncio.Task[None] | None = None
         self._closing = False
         self.memory_budget_bytes = resolve_budget(settings.memory_budget)
+        self.zygotes: ZygotePool | None = None
 
     # ================================================================ start / stop
 
     async def start(self) -> None:
         self.runtime_dir = create_runtime_dir(self._runtime_base)
         self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
+        self.zygotes = ZygotePool(self.settings.zygotes,
+                                  worker_environment(data_dir=self.settings.data_dir),
+                                  start_timeout_s=self.settings.load_timeout_s)
+        kinds = list(dict.fromkeys(r.kind for r in self.settings.models.values()))
+        eager = self.zygotes.start_all(kinds)
+        if eager is not None:
+            self._tasks.add(eager)
+            eager.add_done_callback(self._tasks.discard)
         for name in effective_preload(self.settings):
             self._spawn_task(self._preload(name), f"preload-{name}")
 
@@ -125,6 +135,9 @@ class Manager:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._heartbeat is not None:
             await asyncio.gather(self._heartbeat, return_exceptions=True)
+        if self.zygotes is not None:
+            # Only after every worker is gone: a zygote's exit kills the workers it forked.
+            await self.zygotes.close()
         if self.runtime_dir is not None:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
@@ -551,6 +564,7 @@ class Manager:
                 model=recipe.name, kind=recipe.kind, runtime_dir=self.runtime_dir,
                 seq=slot.spawn_seq, handshake_timeout_s=self.settings.load_timeout_s,
                 max_concurrency=recipe.max_concurrency, data_dir=self.settings.data_dir,
+                zygotes=self.zygotes,
             )
         except GatewayTimeout:
             raise self._load_timeout() from None
@@ -563,7 +577,9 @@ class Manager:
                                 fraction=progress.fraction, message=progress.message)
 
         slot.worker, slot.channel = worker, channel
-        log.info("worker %d for %s started (kind %s)", worker.pid, recipe.name, recipe.kind)
+        log.info("worker %d for %s %s (kind %s, hello after %.0f ms)", worker.pid, recipe.name,
+                 "forked" if worker.started_by == "fork" else "spawned", recipe.kind,
+                 worker.hello_seconds * 1000)
         self.events.publish("spawned", recipe.name, pid=worker.pid)
         try:
             loaded = await channel.load(
@@ -583,6 +599,8 @@ class Manager:
             raise
         slot.device = loaded.device
         slot.info = dict(loaded.info)
+        slot.info["worker_start"] = worker.started_by
+        slot.info["hello_seconds"] = round(worker.hello_seconds, 4)
         if warmup_s is not None:
             slot.info["warmup_seconds"] = round(warmup_s, 4)
         slot.vram_bytes = loaded.memory.get("vram", 0)

@@ -22,7 +22,9 @@ import signal
 import socket
 import struct
 import sys
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import psutil
 
@@ -34,6 +36,9 @@ from workers.protocol import (
     ProtocolError,
     read_message,
 )
+
+if TYPE_CHECKING:
+    from supervisor.zygote import ZygotePool
 
 log = logging.getLogger(__name__)
 worker_log = logging.getLogger("supervisor.worker")
@@ -79,7 +84,7 @@ class WorkerProcess:
     def __init__(
         self,
         model: str,
-        proc: asyncio.subprocess.Process,
+        proc: ProcessHandle,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         output_tail: collections.deque[str],
@@ -92,6 +97,9 @@ class WorkerProcess:
         self.writer = writer
         self.output_tail = output_tail
         self._forwarders = forwarders
+        #: "spawn" or "fork", and seconds from asking for a process to its hello.
+        self.started_by = "spawn"
+        self.hello_seconds = 0.0
         self.exited: asyncio.Task[int] = asyncio.ensure_future(self._wait())
         self._stop_task: asyncio.Task[int] | None = None
         try:
@@ -113,6 +121,7 @@ class WorkerProcess:
         max_concurrency: int = 1,
         env: dict[str, str] | None = None,
         data_dir: str | None = None,
+        zygotes: ZygotePool | None = None,
     ) -> WorkerProcess:
         path = runtime_dir / f"{model}.{seq}.sock"
         if len(os.fsencode(path)) > _SUN_PATH_MAX:
@@ -134,28 +143,23 @@ class WorkerProcess:
             listener.close()
             raise _spawn_failed(model, e) from None
         tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL_LINES)
-        proc: asyncio.subprocess.Process | None = None
+        proc: ProcessHandle | None = None
         forwarders: list[asyncio.Task[None]] = []
         conn: socket.socket | None = None
         try:
-            try:
-                proc = await _create_worker_process(
-                    sys.executable, "-m", "workers",
-                    "--socket", os.fspath(path), "--kind", kind,
-                    "--parent-pid", str(os.getpid()), "--max-threads", str(max_concurrency),
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.PIPE,
-                    start_new_session=True,
-                    env=worker_environment(data_dir=data_dir) if env is None else env,
-                )
-            except OSError as e:  # EAGAIN from fork, EMFILE for the pipes, ENOMEM
-                raise _spawn_failed(model, e) from None
-            assert proc.stdout is not None and proc.stderr is not None
-            forwarders = [
-                asyncio.create_task(_forward(model, proc.pid, proc.stdout, tail)),
-                asyncio.create_task(_forward(model, proc.pid, proc.stderr, tail)),
-            ]
+            started = time.perf_counter()
+            forked = None
+            if zygotes is not None and env is None:  # a custom env needs a fresh interpreter
+                forked = await zygotes.fork(kind, os.fspath(path), max_concurrency)
+            if forked is not None:
+                proc, streams = forked.proc, (forked.stdout, forked.stderr)
+            else:
+                spawned = await _spawn_process(model, kind, path, max_concurrency,
+                                               worker_environment(data_dir=data_dir)
+                                               if env is None else env)
+                proc, streams = spawned, (spawned.stdout, spawned.stderr)
+            forwarders = [asyncio.create_task(forward_output(model, stream, tail))
+                          for stream in streams if stream is not None]
             conn = await _accept_from(listener, proc, handshake_timeout_s, model, tail)
             reader, writer = await asyncio.open_unix_connection(sock=conn)
             conn = None  # owned by the streams now
@@ -173,13 +177,16 @@ class WorkerProcess:
                     f"worker for '{model}' sent a bad hello (pid/version mismatch): {hello!r:.200}"
                 )
             worker = cls(model, proc, reader, writer, tail, forwarders)
-            log.debug("worker %d for %s connected", proc.pid, model)
+            worker.started_by = "fork" if forked is not None else "spawn"
+            worker.hello_seconds = time.perf_counter() - started
+            log.debug("worker %d for %s connected (%s, hello after %.0f ms)", proc.pid, model,
+                      worker.started_by, worker.hello_seconds * 1000)
             return worker
         except BaseException:
             if conn is not None:
                 conn.close()
             if proc is not None:
-                await _kill_group_and_reap(proc)
+                await kill_group_and_reap(proc)
             for task in forwarders:
                 task.cancel()
             raise
@@ -245,14 +252,14 @@ class WorkerProcess:
         try:
             for sig in (None, signal.SIGTERM):
                 if sig is not None:
-                    _signal_group(self.pid, sig)
+                    signal_group(self.pid, sig)
                 try:
                     await asyncio.wait_for(asyncio.shield(self.exited), grace_s / 2)
                     break
                 except TimeoutError:
                     continue
         finally:
-            code = await _kill_group_and_reap(self.proc)
+            code = await kill_group_and_reap(self.proc)
             self.writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self.exited), 2.0)
@@ -260,10 +267,40 @@ class WorkerProcess:
 
     def kill(self) -> None:
         """SIGKILL the group now (used when the worker broke the protocol or hung)."""
-        _signal_group(self.pid, signal.SIGKILL)
+        signal_group(self.pid, signal.SIGKILL)
 
 
 # --------------------------------------------------------------------- helpers
+
+
+class ProcessHandle(Protocol):
+    """What this module needs of a worker process: asyncio's ``Process`` for a spawned
+    worker, :class:`supervisor.zygote.ForkedProcess` for a forked one."""
+
+    pid: int
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    async def wait(self) -> int: ...
+
+
+async def _spawn_process(
+    model: str, kind: str, path: Path, max_concurrency: int, env: dict[str, str]
+) -> asyncio.subprocess.Process:
+    try:
+        return await _create_worker_process(
+            sys.executable, "-m", "workers",
+            "--socket", os.fspath(path), "--kind", kind,
+            "--parent-pid", str(os.getpid()), "--max-threads", str(max_concurrency),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+            env=env,
+        )
+    except OSError as e:  # EAGAIN from fork, EMFILE for the pipes, ENOMEM
+        raise _spawn_failed(model, e) from None
 
 #: The one place workers are started (a name tests can point at a failing fake, as they do
 #: for fork failures: ``BlockingIOError`` from ``create_subprocess_exec``).
@@ -280,7 +317,7 @@ def _spawn_failed(model: str, error: OSError) -> ServiceUnavailable:
 
 async def _accept_from(
     listener: socket.socket,
-    proc: asyncio.subprocess.Process,
+    proc: ProcessHandle,
     timeout_s: float,
     model: str,
     tail: collections.deque[str],
@@ -317,21 +354,22 @@ async def _accept_from(
             await asyncio.gather(accept, died, return_exceptions=True)
 
 
-def _signal_group(pid: int, sig: signal.Signals) -> None:
+def signal_group(pid: int, sig: signal.Signals) -> None:
     # The worker leads its own session, so its pgid is its pid. While any member of the group
     # lives, the kernel does not hand that id to a new process, so this cannot hit a stranger.
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)
 
 
-async def _kill_group_and_reap(proc: asyncio.subprocess.Process) -> int:
-    _signal_group(proc.pid, signal.SIGKILL)
+async def kill_group_and_reap(proc: ProcessHandle) -> int:
+    signal_group(proc.pid, signal.SIGKILL)
     return await proc.wait()
 
 
-async def _forward(
-    model: str, pid: int, stream: asyncio.StreamReader, tail: collections.deque[str]
+async def forward_output(
+    name: str, stream: asyncio.StreamReader, tail: collections.deque[str]
 ) -> None:
+    """Log a child's output line by line as ``[name] line``, keeping the last lines."""
     while True:
         try:
             raw = await stream.readline()
@@ -343,4 +381,4 @@ async def _forward(
         if not line:
             continue
         tail.append(line[:500])
-        worker_log.info("[%s] %s", model, line)
+        worker_log.info("[%s] %s", name, line)

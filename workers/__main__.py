@@ -7,8 +7,6 @@ it) has no side effects: argument parsing and logging set-up happen only here.
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 
 from workers import runtime
@@ -40,24 +38,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _setup_logging() -> None:
-    # Plain lines on stderr: the supervisor forwards them with a [model] prefix and a time.
-    name = os.environ.get("LEMONADE_LOG_LEVEL", "info").strip().upper()
-    level = logging.getLevelName(name)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    root.setLevel(level if isinstance(level, int) else logging.INFO)
-    if not isinstance(level, int):
-        logging.getLogger(__name__).warning(
-            "unknown LEMONADE_LOG_LEVEL %r; using INFO", os.environ.get("LEMONADE_LOG_LEVEL")
-        )
-
-
 def cli(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    _setup_logging()
+    runtime.setup_logging()
     return runtime.main(
         socket_path=args.socket,
         kind=args.kind,

@@ -104,6 +104,7 @@ class WhisperModel(Model):
     """Whisper via faster-whisper; one instance per worker process."""
 
     kind: ClassVar[str] = "asr"
+    zygote_imports: ClassVar[tuple[str, ...]] = ("numpy", "av", "ctranslate2", "faster_whisper")
 
     def __init__(self) -> None:
         self._model: Any = None

@@ -11,6 +11,7 @@ notices cancellation through the small context objects below, so it never touche
 
 from __future__ import annotations
 
+import importlib
 import os
 import threading
 from abc import ABC, abstractmethod
@@ -102,6 +103,17 @@ class Model(ABC):
     def vram_bytes(self) -> int:
         """Device memory this process holds (0 on CPU); sampled on every ping."""
         return 0
+
+    #: Modules this kind's zygote imports once, so that workers forked from it start with
+    #: them loaded (see :mod:`workers.zygote`). Importing them must not touch a GPU, start a
+    #: Python thread, run a parallel op or read weights: all of that belongs to ``load``.
+    zygote_imports: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def prepare_zygote(cls) -> None:
+        """Run in the zygote before it forks any worker; override for more than imports."""
+        for name in cls.zygote_imports:
+            importlib.import_module(name)
 
 
 def check_options(kind: str, options: Mapping[str, Any], allowed: tuple[str, ...]) -> None:

@@ -108,6 +108,7 @@ class EmbeddingModel(Model):
     """A mean-pooled, L2-normalised transformer encoder."""
 
     kind: ClassVar[str] = "embedding"
+    zygote_imports: ClassVar[tuple[str, ...]] = ("torch", "transformers")
 
     def __init__(self) -> None:
         self._model: Any = None

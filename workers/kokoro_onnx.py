@@ -72,6 +72,12 @@ class KokoroOnnxModel(Model):
     """Kokoro-82M through onnxruntime; one instance per worker process."""
 
     kind: ClassVar[str] = "kokoro-onnx"
+    zygote_imports: ClassVar[tuple[str, ...]] = ("misaki.en", "misaki.espeak", "spacy", "soundfile")
+
+    @classmethod
+    def prepare_zygote(cls) -> None:
+        import_onnxruntime(cls.kind)  # with its cache dir set, as a load would
+        super().prepare_zygote()
 
     def __init__(self) -> None:
         self._session: Any = None

@@ -76,6 +76,8 @@ def _bad_config(message: str) -> ModelError:
 
 class KokoroModel(Model):
     kind: ClassVar[str] = "kokoro"
+    zygote_imports: ClassVar[tuple[str, ...]] = (
+        "torch", "kokoro", "misaki.en", "misaki.espeak", "spacy", "soundfile")
 
     def __init__(self) -> None:
         self._model: Any = None

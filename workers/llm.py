@@ -192,6 +192,7 @@ class CausalLMModel(Model):
     """A decoder-only language model answering chat and completion requests."""
 
     kind: ClassVar[str] = "llm"
+    zygote_imports: ClassVar[tuple[str, ...]] = ("torch", "transformers", "gguf")
 
     def __init__(self) -> None:
         self._model: Any = None

@@ -114,7 +114,7 @@ def send_raw_from_thread(data: bytes) -> None:
 # --------------------------------------------------------------------------- process setup
 
 
-def _set_parent_death_signal() -> None:
+def set_parent_death_signal() -> None:
     """Ask Linux to SIGKILL this process when the thread that spawned it dies."""
     if not sys.platform.startswith("linux"):
         return
@@ -126,7 +126,7 @@ def _set_parent_death_signal() -> None:
         log.warning("prctl(PR_SET_PDEATHSIG) unavailable: %s", e)
 
 
-def _harden_process() -> None:
+def harden_process() -> None:
     # A segfault in native model code leaves the Python stack of every thread in the log.
     faulthandler.enable()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub call must fail fast, not hang
@@ -137,7 +137,21 @@ def _harden_process() -> None:
         log.warning("could not disable core dumps: %s", e)
 
 
-def _flush_logs() -> None:
+def setup_logging() -> None:
+    """Plain lines on stderr: the supervisor forwards them with a ``[model]`` prefix."""
+    name = os.environ.get("LEMONADE_LOG_LEVEL", "info").strip().upper()
+    level = logging.getLevelName(name)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(level if isinstance(level, int) else logging.INFO)
+    if not isinstance(level, int):
+        log.warning("unknown LEMONADE_LOG_LEVEL %r; using INFO",
+                    os.environ.get("LEMONADE_LOG_LEVEL"))
+
+
+def flush_logs() -> None:
     for handler in logging.getLogger().handlers:
         with contextlib.suppress(Exception):
             handler.flush()
@@ -148,7 +162,7 @@ def _flush_logs() -> None:
 
 def _exit_now(code: int) -> NoReturn:
     """End the process at once, without waiting for model threads (they may never return)."""
-    _flush_logs()
+    flush_logs()
     os._exit(code)
 
 
@@ -467,14 +481,17 @@ def main(
 
     Returns an exit status only when the worker cannot start: its parent is already gone.
     """
-    _set_parent_death_signal()
+    set_parent_death_signal()
     if os.getppid() != parent_pid:
         # The parent died before PR_SET_PDEATHSIG was armed: nobody is waiting for us.
         log.error("parent %d is gone (ppid is %d); exiting", parent_pid, os.getppid())
         return EXIT_ORPHANED
-    _harden_process()
+    harden_process()
     asyncio.run(_serve(socket_path, kind, max_threads))
     return EXIT_OK  # pragma: no cover - _serve never returns
 
 
-__all__ = ["DEFAULT_MAX_THREADS", "WorkerRuntime", "main"]
+__all__ = [
+    "DEFAULT_MAX_THREADS", "WorkerRuntime", "flush_logs", "harden_process", "main",
+    "set_parent_death_signal", "setup_logging",
+]

@@ -1,0 +1,438 @@
+"""Zygotes: per-kind template processes that fork workers (the supervisor's side).
+
+A spawned worker spends seconds importing torch and friends before it reads a weight; a
+worker forked from a zygote (:mod:`workers.zygote`) starts with them imported. This module
+starts one zygote per worker kind (``zygotes = "eager"``: with the server; ``"lazy"``: on
+the kind's first load), asks it to fork, and hands :mod:`supervisor.process` a handle that
+behaves like the asyncio ``Process`` of a spawned worker (``pid``, ``returncode``,
+``wait()``), so everything after the start (socket handshake, peer pid check, stop, kill the
+process group, reap, crash detection) is the same code for both.
+
+Whenever forking is not possible the pool says so once in the log and returns ``None``, and
+the caller spawns the worker plainly: no pidfd support (Linux < 5.3), a zygote that cannot
+import its modules, one that reports its imports made forking unsafe, or one that keeps
+dying (three failed starts in a row switch its kind to spawning for good).
+
+Exit statuses: the zygote is the forked worker's parent, so it reaps it and reports the
+status. The supervisor also holds a pidfd for each worker (sent by the zygote, opened before
+the child could be reaped), which tells it the worker is gone even if its zygote died first
+(a zygote's death kills its workers through their parent-death signal).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+
+from supervisor import process
+from workers.zygote_protocol import ZygoteProtocolError, decode, encode, receive, send
+
+log = logging.getLogger(__name__)
+
+#: Failed starts in a row after which a kind's workers are always spawned plainly.
+MAX_START_FAILURES = 3
+#: How long to wait for a zygote's exit report once a worker's pidfd says it is gone.
+_EXIT_REPORT_GRACE_S = 2.0
+_STOP_GRACE_S = 2.0
+
+
+def fork_unavailable_reason() -> str | None:
+    """Why this platform cannot fork workers from zygotes, or None."""
+    if not sys.platform.startswith("linux"):
+        return "zygotes need Linux (pidfds, PR_SET_PDEATHSIG)"
+    if not hasattr(os, "pidfd_open") or not hasattr(socket, "send_fds"):
+        return "this Python lacks os.pidfd_open or socket.send_fds"
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError as e:
+        return f"the kernel refuses pidfd_open ({e.strerror}); Linux 5.3 or later is needed"
+    return None
+
+
+class ForkedProcess:
+    """A worker forked by a zygote, with the interface of ``asyncio.subprocess.Process``
+    that :mod:`supervisor.process` uses: ``pid``, ``returncode`` and ``wait()``."""
+
+    def __init__(self, pid: int, pidfd: int, zygote: Zygote) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._zygote = zygote
+        self._loop = asyncio.get_running_loop()
+        self._exited: asyncio.Future[int] = self._loop.create_future()
+        self._pidfd: int | None = pidfd
+        self._loop.add_reader(pidfd, self._on_gone)
+
+    def _on_gone(self) -> None:
+        self._close_pidfd()
+        if self._zygote.alive:
+            # The zygote reaps it and reports the status in a moment.
+            self._loop.call_later(_EXIT_REPORT_GRACE_S, self.finish, -signal.SIGKILL)
+        else:
+            self.finish(-signal.SIGKILL)  # killed by its parent-death signal
+
+    def finish(self, code: int) -> None:
+        if self._exited.done():
+            return
+        self._close_pidfd()
+        self.returncode = code
+        self._exited.set_result(code)
+
+    def zygote_died(self) -> None:
+        """Its zygote is gone, so it dies too (parent-death signal); wait for the pidfd."""
+        if self._pidfd is None:
+            self.finish(-signal.SIGKILL)
+
+    def _close_pidfd(self) -> None:
+        if self._pidfd is not None:
+            self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._exited)
+
+
+@dataclass
+class ForkedWorker:
+    """What a fork gives :mod:`supervisor.process`: the process and its output streams."""
+
+    proc: ForkedProcess
+    stdout: asyncio.StreamReader
+    stderr: asyncio.StreamReader
+
+
+class Zygote:
+    """One template process for one kind, and the control socket to it."""
+
+    def __init__(self, kind: str, env: dict[str, str]) -> None:
+        self.kind = kind
+        self._env = env
+        self.pid: int | None = None
+        self.import_s: float | None = None
+        self.unsafe: str | None = None
+        self.forks = 0
+        self.started_at: float | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._control: socket.socket | None = None
+        self._ready: asyncio.Future[dict[str, Any]] | None = None
+        self._pending: dict[int, asyncio.Future[ForkedProcess | str]] = {}
+        self._children: dict[int, ForkedProcess] = {}
+        self._watcher: asyncio.Task[None] | None = None
+        self._next_id = 0
+        self._forwarders: list[asyncio.Task[None]] = []
+        self.output_tail: collections.deque[str] = collections.deque(maxlen=20)
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.returncode is None and (
+            self._control is not None)
+
+    async def start(self, timeout_s: float) -> None:
+        """Start the process and wait until it has imported its modules ("ready")."""
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self._proc = await process._create_worker_process(
+                sys.executable, "-m", "workers.zygote", "--kind", self.kind,
+                "--control-fd", str(theirs.fileno()), "--parent-pid", str(os.getpid()),
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, start_new_session=True, env=self._env,
+                pass_fds=(theirs.fileno(),),
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.pid = self._proc.pid
+        ours.setblocking(False)
+        self._control = ours
+        self._ready = loop.create_future()
+        name = f"zygote {self.kind}"
+        assert self._proc.stdout is not None and self._proc.stderr is not None
+        self._forwarders = [
+            asyncio.create_task(process.forward_output(name, stream, self.output_tail))
+            for stream in (self._proc.stdout, self._proc.stderr)
+        ]
+        loop.add_reader(ours, self._on_readable)
+        watcher = asyncio.ensure_future(self._proc.wait())
+        try:
+            done, _ = await asyncio.wait({self._ready, watcher}, timeout=timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if self._ready not in done:
+                raise RuntimeError(
+                    "exited before it was ready" if watcher in done
+                    else f"not ready within {timeout_s:g}s")
+            ready = self._ready.result()
+        except BaseException:
+            await self.stop()
+            raise
+        finally:
+            watcher.cancel()
+        self.import_s = ready["import_s"]
+        self.unsafe = ready["unsafe"]
+        self.started_at = time.time()
+        self._watcher = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        assert self._proc is not None
+        await self._proc.wait()
+        self._lost(f"exited with code {self._proc.returncode}")
+
+    def _on_readable(self) -> None:
+        control = self._control
+        while control is not None:
+            try:
+                record, fds = receive(control)
+            except BlockingIOError:
+                return
+            except (OSError, ZygoteProtocolError) as e:
+                self._lost(f"control socket failed: {e}")
+                return
+            if not record:
+                self._lost("ended (its control socket closed)")
+                return
+            try:
+                self._dispatch(decode(record, fds), fds)
+            except ZygoteProtocolError as e:
+                log.error("zygote %s for kind %s broke the protocol (%s); killing it",
+                          self.pid, self.kind, e)
+                self._kill()
+                self._lost("broke the protocol")
+                return
+
+    def _dispatch(self, message: dict[str, Any], fds: list[int]) -> None:
+        kind = message["t"]
+        if kind == "ready" and self._ready is not None and not self._ready.done():
+            self._ready.set_result(message)
+        elif kind == "forked":
+            future = self._pending.pop(message["id"], None)
+            if future is None or future.done():
+                os.close(fds[0])  # its request was cancelled; the worker finds no listener
+                return
+            # Registered before anything else runs, so its "exited" (which may be the next
+            # record in this very read) finds it.
+            child = ForkedProcess(message["pid"], fds[0], self)
+            self._children[child.pid] = child
+            future.set_result(child)
+        elif kind == "fork_failed":
+            future = self._pending.pop(message["id"], None)
+            if future is not None and not future.done():
+                future.set_result(message["error"])
+        elif kind == "exited":
+            child = self._children.pop(message["pid"], None)
+            if child is not None:
+                child.finish(message["code"])
+        else:
+            raise ZygoteProtocolError(f"unexpected {kind} from a zygote")
+
+    def _lost(self, why: str, *, expected: bool = False) -> None:
+        if self._control is None:
+            return
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self._control)
+        self._control.close()
+        self._control = None
+        for future in self._pending.values():
+            if not future.done():
+                future.set_result(f"zygote {why}")
+        self._pending.clear()
+        for child in self._children.values():
+            child.zygote_died()
+        self._children.clear()
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(RuntimeError(why))
+        log.log(logging.DEBUG if expected else logging.WARNING,
+                "zygote %s for kind %s %s%s", self.pid, self.kind, why,
+                f" (last output: {' | '.join(self.output_tail)})" if self.output_tail else "")
+
+    async def fork(self, socket_path: str, max_threads: int) -> ForkedWorker | str:
+        """Fork one worker; a string says why it could not be done."""
+        if not self.alive or self._control is None:
+            return "zygote is not running"
+        loop = asyncio.get_running_loop()
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        self._next_id += 1
+        request_id = self._next_id
+        future: asyncio.Future[ForkedProcess | str] = loop.create_future()
+        self._pending[request_id] = future
+        try:
+            send(self._control,
+                 encode("fork", id=request_id, socket=socket_path, max_threads=max_threads),
+                 (out_w, err_w))
+            outcome = await future
+        except (OSError, asyncio.CancelledError) as e:
+            self._pending.pop(request_id, None)
+            os.close(out_r)
+            os.close(err_r)
+            if isinstance(e, asyncio.CancelledError):
+                # The fork may still happen; the zygote reports the child's exit and its
+                # pidfd is closed on arrival, and the worker exits when nobody connects.
+                raise
+            return f"could not ask the zygote: {e}"
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+        if isinstance(outcome, str):
+            os.close(out_r)
+            os.close(err_r)
+            return outcome
+        self.forks += 1
+        return ForkedWorker(outcome, await _reader(out_r), await _reader(err_r))
+
+    def rss_bytes(self) -> int:
+        if self.pid is None or not self.alive:
+            return 0
+        try:
+            return int(psutil.Process(self.pid).memory_info().rss)
+        except psutil.Error:
+            return 0
+
+    def _kill(self) -> None:
+        if self._proc is not None:
+            process.signal_group(self._proc.pid, signal.SIGKILL)
+
+    async def stop(self) -> None:
+        """Close the control socket (the zygote exits on EOF), then make sure it is gone."""
+        self._lost("stopped by the supervisor", expected=True)
+        if self._proc is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._proc.wait()), _STOP_GRACE_S)
+            except TimeoutError:
+                pass
+            await process.kill_group_and_reap(self._proc)  # type: ignore[arg-type]
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.gather(*self._forwarders), 1.0)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind, "pid": self.pid if self.alive else None,
+            "state": ("unsafe" if self.unsafe else "ready") if self.alive else "stopped",
+            "unsafe_reason": self.unsafe, "import_seconds": self.import_s,
+            "forks": self.forks, "rss_bytes": self.rss_bytes(),
+        }
+
+
+async def _reader(fd: int) -> asyncio.StreamReader:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=64 * 1024)
+    await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0))
+    return reader
+
+
+class ZygotePool:
+    """The zygotes of one supervisor, one per kind, started on demand or at start."""
+
+    def __init__(self, mode: str, env: dict[str, str], start_timeout_s: float) -> None:
+        self.mode = mode
+        self._env = env
+        self._start_timeout_s = start_timeout_s
+        self._zygotes: dict[str, Zygote] = {}
+        self._starting: dict[str, asyncio.Task[Zygote | None]] = {}
+        self._failures: collections.Counter[str] = collections.Counter()
+        self._said: set[tuple[str, str]] = set()
+        self._closed = False
+        self.unavailable = None if mode == "off" else fork_unavailable_reason()
+        if self.unavailable is not None:
+            log.warning("workers will be spawned, not forked: %s", self.unavailable)
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off" and self.unavailable is None and not self._closed
+
+    def start_all(self, kinds: list[str]) -> asyncio.Task[None] | None:
+        """Eager mode: start the zygotes of ``kinds`` one after another, in the background."""
+        if not self.enabled or self.mode != "eager" or not kinds:
+            return None
+
+        async def start_in_turn() -> None:
+            for kind in kinds:
+                await self._zygote_for(kind)
+
+        return asyncio.create_task(start_in_turn(), name="zygotes")
+
+    async def fork(self, kind: str, socket_path: str, max_threads: int) -> ForkedWorker | None:
+        """A forked worker, or None when the caller should spawn one (logged once)."""
+        if not self.enabled:
+            return None
+        zygote = await self._zygote_for(kind)
+        if zygote is None:
+            return None
+        if zygote.unsafe is not None:
+            self._say_once(kind, "unsafe",
+                           f"workers of kind {kind} will be spawned, not forked: "
+                           f"{zygote.unsafe}")
+            return None
+        outcome = await zygote.fork(socket_path, max_threads)
+        if isinstance(outcome, str):
+            log.warning("could not fork a worker of kind %s (%s); spawning one instead",
+                        kind, outcome)
+            return None
+        return outcome
+
+    async def _zygote_for(self, kind: str) -> Zygote | None:
+        zygote = self._zygotes.get(kind)
+        if zygote is not None and zygote.alive:
+            return zygote
+        if self._failures[kind] >= MAX_START_FAILURES:
+            return None
+        task = self._starting.get(kind)
+        if task is None:  # single-flight: concurrent loads of one kind share one start
+            task = asyncio.ensure_future(self._start(kind))
+            self._starting[kind] = task
+            task.add_done_callback(lambda _t: self._starting.pop(kind, None))
+        return await asyncio.shield(task)
+
+    async def _start(self, kind: str) -> Zygote | None:
+        previous = self._zygotes.pop(kind, None)
+        if previous is not None:
+            log.info("restarting the zygote for kind %s", kind)
+            await previous.stop()
+        zygote = Zygote(kind, self._env)
+        try:
+            await zygote.start(self._start_timeout_s)
+        except (OSError, RuntimeError) as e:
+            self._failures[kind] += 1
+            final = self._failures[kind] >= MAX_START_FAILURES
+            log.warning("zygote for kind %s did not start (%s); spawning this worker%s", kind,
+                        e, " and every later one of this kind" if final else "")
+            return None
+        if self._closed:
+            await zygote.stop()
+            return None
+        self._failures[kind] = 0
+        self._zygotes[kind] = zygote
+        log.info("zygote %d for kind %s ready (imports took %.2fs)", zygote.pid, kind,
+                 zygote.import_s or 0.0)
+        return zygote
+
+    def _say_once(self, kind: str, topic: str, text: str) -> None:
+        if (kind, topic) not in self._said:
+            self._said.add((kind, topic))
+            log.warning("%s", text)
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [z.describe() for z in self._zygotes.values()]
+
+    async def close(self) -> None:
+        """Stop every zygote (after the workers: a zygote's exit would kill its workers)."""
+        self._closed = True
+        for task in list(self._starting.values()):
+            task.cancel()
+        await asyncio.gather(*self._starting.values(), return_exceptions=True)
+        await asyncio.gather(*(z.stop() for z in self._zygotes.values()),
+                             return_exceptions=True)
+        self._zygotes.clear()
