@@ -197,18 +197,38 @@ class Server:
     # --------------------------------------------------------------- processes
 
     def worker_pids(self) -> list[int]:
-        """Pids of the worker processes the server has running now."""
+        """Pids of the worker processes the server has running now (not its zygotes)."""
+        zygotes = set(self.zygote_pids())
+        pids = []
+        for child in self._descendants():
+            if child.pid not in zygotes:
+                pids.append(child.pid)
+        return pids
+
+    def zygote_pids(self) -> list[int]:
+        """Pids of the server's zygotes: its own children running ``workers.zygote``.
+
+        Workers forked from a zygote share its command line, but they are its children.
+        """
+        pids = []
+        for child in self._descendants():
+            with contextlib.suppress(psutil.Error):
+                if child.ppid() == self.pid and "workers.zygote" in child.cmdline():
+                    pids.append(child.pid)
+        return pids
+
+    def _descendants(self) -> list[psutil.Process]:
         try:
             children = psutil.Process(self.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             return []
-        pids = []
+        alive = []
         for child in children:
             with contextlib.suppress(psutil.Error):
                 if child.status() != psutil.STATUS_ZOMBIE:
-                    pids.append(child.pid)
-                    self._remember(child.pid)
-        return pids
+                    alive.append(child)
+                    self._remember(child.pid)  # zygotes too: none may outlive the server
+        return alive
 
     def _remember(self, pid: int) -> None:
         if pid in self._seen_workers:

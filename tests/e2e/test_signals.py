@@ -7,15 +7,18 @@ worker that outlives its server. These tests check for that directly, and the fi
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import psutil
 
+from supervisor.rundir import RUNTIME_DIR_PREFIX
 from tests.e2e.conftest import Server, pid_alive, pid_gone, wait_for
 
 TWO_MODELS = """
@@ -28,10 +31,19 @@ type = "tts"
 """
 
 
-def _runtime_dir(pid: int) -> Path:
-    """The supervisor's socket dir, read from the worker's command line (--socket PATH)."""
-    argv = psutil.Process(pid).cmdline()
-    return Path(argv[argv.index("--socket") + 1]).parent
+def _runtime_dir(server: Server) -> Path:
+    """The server's private socket dir: the one whose owner file names the server's pid.
+
+    (Forked workers carry their zygote's command line, so the worker's ``--socket`` argument
+    cannot be read from every worker.)
+    """
+    env = psutil.Process(server.pid).environ()
+    root = Path(env.get("XDG_RUNTIME_DIR") or env.get("TMPDIR") or tempfile.gettempdir())
+    for path in root.glob(RUNTIME_DIR_PREFIX + "*"):
+        with contextlib.suppress(OSError, IndexError):
+            if (path / "owner").read_text().split()[0] == str(server.pid):
+                return path
+    raise AssertionError(f"no runtime dir of server {server.pid} under {root}")
 
 
 def _stop_with(server: Server, sig: signal.Signals) -> tuple[int, float]:
@@ -49,7 +61,7 @@ def test_sigterm_stops_the_server_and_every_worker(start_server):
     server = start_server(TWO_MODELS)
     pids = [server.load("tone")["pid"], server.load("tone-2")["pid"]]
     assert sorted(server.worker_pids()) == sorted(pids)
-    runtime_dir = _runtime_dir(pids[0])
+    runtime_dir = _runtime_dir(server)
     assert runtime_dir.is_dir()
 
     code, took = _stop_with(server, signal.SIGTERM)
@@ -98,15 +110,18 @@ def test_sigkill_to_the_server_ends_its_worker(start_server, tmp_path):
     server = start_server(TWO_MODELS, env=env)
     pid = server.load("tone")["pid"]
     assert pid_alive(pid)
-    runtime_dir = _runtime_dir(pid)
+    zygotes = server.zygote_pids()  # the default starts workers by forking from a zygote
+    assert psutil.Process(pid).ppid() in zygotes
+    runtime_dir = _runtime_dir(server)
     assert runtime_dir.parent == tmp_path
 
     server.proc.kill()
     server.proc.wait(5)
     killed = time.monotonic()
-    # Parent-death signal / socket EOF: the worker must not linger as an orphan.
-    wait_for(lambda: pid_gone(pid), 1.0, interval=0.02,
-             what=f"worker {pid} to exit after its server was SIGKILLed")
+    # Parent-death signals (server -> zygote -> worker) and socket EOF: nothing may linger.
+    for orphan in [pid, *zygotes]:
+        wait_for(lambda orphan=orphan: pid_gone(orphan), 1.0, interval=0.02,
+                 what=f"process {orphan} to exit after its server was SIGKILLed")
     assert time.monotonic() - killed < 1.0
 
     # The dead server's runtime dir is left behind; the next server sweeps it away.

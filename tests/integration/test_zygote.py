@@ -1,0 +1,160 @@
+"""Workers forked from a zygote keep every guarantee a spawned worker has.
+
+Real processes throughout: a real Manager, real zygotes (``python -m workers.zygote``) and
+real forked synthetic workers. What a user relies on: a forked worker serves like a spawned
+one, sits in its own process group, dies with its parent, is reaped with a true exit status,
+unloading it ends its process, the zygote never grows with the models, a dead zygote is
+replaced, and when forking is impossible the worker is spawned and the log says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+
+import psutil
+import pytest
+
+from supervisor import process
+from supervisor.lifecycle import State
+from tests.helpers import process_gone, wait_for
+from tests.integration.conftest import ManagerFactory
+from tests.integration.test_manager import server, speak, tts
+
+MiB = 1024 * 1024
+
+
+def _zygote(manager) -> dict:
+    (row,) = manager.zygotes.describe()
+    return row
+
+
+async def test_a_forked_worker_serves_in_its_own_session_and_unloading_ends_it(
+    make_manager: ManagerFactory,
+) -> None:
+    manager = await make_manager(server(zygotes="lazy") + tts("a"))
+    pid, audio = await speak(manager, "a")
+    assert audio[:4] == b"RIFF"
+    slot = manager.slots["a"]
+    assert slot.pid == pid and slot.info["worker_start"] == "fork"
+    zygote = _zygote(manager)
+    worker = psutil.Process(pid)
+    assert worker.ppid() == zygote["pid"], "a forked worker's parent is its zygote"
+    assert os.getpgid(pid) == pid and os.getsid(pid) == pid, "own session and process group"
+    assert zygote["forks"] == 1 and zygote["state"] == "ready"
+    await manager.unload("a")
+    assert process_gone(pid), "unloading must end the worker process"
+    assert psutil.pid_exists(zygote["pid"]), "the zygote outlives the workers it forks"
+
+
+async def test_reloads_fork_from_the_same_zygote(make_manager: ManagerFactory) -> None:
+    manager = await make_manager(server(zygotes="lazy") + tts("a") + tts("b"))
+    pids = set()
+    for _ in range(3):
+        await asyncio.gather(manager.load("a"), manager.load("b"))
+        pids |= {manager.slots["a"].pid, manager.slots["b"].pid}
+        await asyncio.gather(manager.unload("a"), manager.unload("b"))
+    assert len(pids) == 6, "every load is a fresh process"
+    zygote = _zygote(manager)  # one zygote per kind, shared by both models
+    assert zygote["forks"] == 6
+    assert all(process_gone(pid) for pid in pids)
+
+
+async def test_off_spawns_workers_as_children_of_the_supervisor(
+    make_manager: ManagerFactory,
+) -> None:
+    manager = await make_manager(server(zygotes="off") + tts("a"))
+    await manager.load("a")
+    slot = manager.slots["a"]
+    assert slot.info["worker_start"] == "spawn"
+    assert psutil.Process(slot.pid).ppid() == os.getpid()
+    assert manager.zygotes.describe() == []
+
+
+async def test_eager_starts_the_zygote_of_each_configured_kind_before_any_load(
+    make_manager: ManagerFactory,
+) -> None:
+    manager = await make_manager(server(zygotes="eager") + tts("a") + tts("b"))
+    await wait_for(lambda: manager.zygotes.describe() != [], 30, "the eager zygote")
+    assert all(s.state is State.UNLOADED for s in manager.slots.values())
+    assert _zygote(manager)["forks"] == 0
+
+
+async def test_the_zygote_never_holds_what_its_workers_load(make_manager: ManagerFactory) -> None:
+    manager = await make_manager(server(zygotes="lazy") + tts("big", options={"memory_mb": 300}))
+    await manager.load("big")
+    worker_rss = psutil.Process(manager.slots["big"].pid).memory_info().rss
+    zygote_rss = _zygote(manager)["rss_bytes"]
+    assert worker_rss > 300 * MiB
+    assert zygote_rss < 100 * MiB, f"zygote holds {zygote_rss / MiB:.0f} MiB"
+
+
+async def test_a_killed_forked_worker_is_reaped_with_its_signal_and_reloaded(
+    make_manager: ManagerFactory,
+) -> None:
+    manager = await make_manager(server(zygotes="lazy") + tts("a"))
+    await manager.load("a")
+    slot = manager.slots["a"]
+    worker = slot.worker
+    os.kill(slot.pid, signal.SIGKILL)
+    await asyncio.wait_for(asyncio.shield(worker.exited), 10)
+    assert worker.describe_exit() == "killed by SIGKILL", "the zygote reports the real status"
+    await wait_for(lambda: slot.state is State.UNLOADED and slot.restarts == 1, 10,
+                   "the crash to be noticed")
+    pid, audio = await speak(manager, "a")
+    assert audio and pid == slot.pid and slot.info["worker_start"] == "fork"
+
+
+async def test_a_dead_zygote_takes_its_workers_and_is_replaced(
+    make_manager: ManagerFactory, caplog: pytest.LogCaptureFixture,
+) -> None:
+    manager = await make_manager(server(zygotes="lazy") + tts("a"))
+    await manager.load("a")
+    slot = manager.slots["a"]
+    old_worker, old_zygote = slot.pid, _zygote(manager)["pid"]
+    with caplog.at_level(logging.WARNING, logger="supervisor.zygote"):
+        os.kill(old_zygote, signal.SIGKILL)
+        # Its workers die with it (parent-death signal): none may be left without a parent.
+        await wait_for(lambda: process_gone(old_worker), 10, "the worker to die with its zygote")
+        await wait_for(lambda: slot.state is State.UNLOADED, 10, "the crash to be noticed")
+    assert any("zygote" in r.getMessage() for r in caplog.records)
+    pid, audio = await speak(manager, "a")
+    assert audio and pid == slot.pid
+    new_zygote = _zygote(manager)
+    assert new_zygote["pid"] not in (None, old_zygote)
+    assert psutil.Process(slot.pid).ppid() == new_zygote["pid"]
+
+
+async def test_a_zygote_that_cannot_start_means_a_spawn_and_a_log_line(
+    make_manager: ManagerFactory, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    real = process._create_worker_process
+
+    async def no_zygotes(*args, **kwargs):
+        if "workers.zygote" in args:
+            raise OSError(12, "Cannot allocate memory")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(process, "_create_worker_process", no_zygotes)
+    manager = await make_manager(server(zygotes="lazy") + tts("a"))
+    with caplog.at_level(logging.WARNING, logger="supervisor.zygote"):
+        for _ in range(4):
+            _, audio = await speak(manager, "a")
+            assert audio
+            assert manager.slots["a"].info["worker_start"] == "spawn"
+            await manager.unload("a")
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("did not start" in m for m in messages) == 3, messages
+    assert any("every later one of this kind" in m for m in messages)
+
+
+async def test_closing_the_manager_ends_zygotes_and_workers(make_manager: ManagerFactory) -> None:
+    manager = await make_manager(server(zygotes="lazy") + tts("a"))
+    await manager.load("a")
+    pids = [manager.slots["a"].pid, _zygote(manager)["pid"]]
+    await manager.close()
+    assert all(process_gone(pid) for pid in pids)
+    assert manager.zygotes.describe() == []
