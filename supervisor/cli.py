@@ -166,6 +166,12 @@ def status(url: str | None, as_json: bool) -> None:
             m["idle_timeout_source"], _expires_in(m["expires_at"], m), last,
         ])
     click.echo(_table(rows))
+    zygotes = data.get("server", {}).get("zygotes") or []
+    if zygotes:
+        click.echo("\nZygotes (templates that fork workers; no weights, no VRAM):")
+        click.echo(_table([["KIND", "STATE", "PID", "RSS", "FORKS"]] + [
+            [z["kind"], z["state"], str(z["pid"] or "-"), format_bytes(z["rss_bytes"] or None),
+             str(z["forks"])] for z in zygotes]))
 
 
 @main.command()

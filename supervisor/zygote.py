@@ -30,6 +30,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,8 +41,12 @@ from workers.zygote_protocol import ZygoteProtocolError, decode, encode, receive
 
 log = logging.getLogger(__name__)
 
-#: Failed starts in a row after which a kind's workers are always spawned plainly.
+#: Failed starts in a row after which a kind's workers are always spawned plainly (a zygote
+#: that dies within SHORT_LIFE_S of being ready counts as a failed start).
 MAX_START_FAILURES = 3
+SHORT_LIFE_S = 30.0
+#: Eager mode restarts a zygote that died after this pause.
+RESTART_DELAY_S = 1.0
 #: How long to wait for a zygote's exit report once a worker's pidfd says it is gone.
 _EXIT_REPORT_GRACE_S = 2.0
 _STOP_GRACE_S = 2.0
@@ -115,9 +120,11 @@ class ForkedWorker:
 class Zygote:
     """One template process for one kind, and the control socket to it."""
 
-    def __init__(self, kind: str, env: dict[str, str]) -> None:
+    def __init__(self, kind: str, env: dict[str, str],
+                 on_lost: Callable[[Zygote], None] | None = None) -> None:
         self.kind = kind
         self._env = env
+        self._on_lost = on_lost
         self.pid: int | None = None
         self.import_s: float | None = None
         self.unsafe: str | None = None
@@ -253,9 +260,12 @@ class Zygote:
         self._children.clear()
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(RuntimeError(why))
+            self._ready.exception()  # start() reports it; nobody else needs to retrieve it
         log.log(logging.DEBUG if expected else logging.WARNING,
                 "zygote %s for kind %s %s%s", self.pid, self.kind, why,
                 f" (last output: {' | '.join(self.output_tail)})" if self.output_tail else "")
+        if not expected and self.started_at is not None and self._on_lost is not None:
+            self._on_lost(self)
 
     async def fork(self, socket_path: str, max_threads: int) -> ForkedWorker | str:
         """Fork one worker; a string says why it could not be done."""
@@ -344,6 +354,7 @@ class ZygotePool:
         self._starting: dict[str, asyncio.Task[Zygote | None]] = {}
         self._failures: collections.Counter[str] = collections.Counter()
         self._said: set[tuple[str, str]] = set()
+        self._restarts: set[asyncio.Task[Zygote | None]] = set()
         self._closed = False
         self.unavailable = None if mode == "off" else fork_unavailable_reason()
         if self.unavailable is not None:
@@ -401,7 +412,7 @@ class ZygotePool:
         if previous is not None:
             log.info("restarting the zygote for kind %s", kind)
             await previous.stop()
-        zygote = Zygote(kind, self._env)
+        zygote = Zygote(kind, self._env, on_lost=self._lost)
         try:
             await zygote.start(self._start_timeout_s)
         except (OSError, RuntimeError) as e:
@@ -413,11 +424,28 @@ class ZygotePool:
         if self._closed:
             await zygote.stop()
             return None
-        self._failures[kind] = 0
         self._zygotes[kind] = zygote
         log.info("zygote %d for kind %s ready (imports took %.2fs)", zygote.pid, kind,
                  zygote.import_s or 0.0)
         return zygote
+
+    def _lost(self, zygote: Zygote) -> None:
+        """A ready zygote died: a quick death counts as a failed start; eager restarts it."""
+        lived = time.time() - (zygote.started_at or 0.0)
+        if lived < SHORT_LIFE_S:
+            self._failures[zygote.kind] += 1
+        else:
+            self._failures[zygote.kind] = 0
+        if self._closed or self.mode != "eager":
+            return  # lazy: the next load of the kind starts a new one
+
+        async def restart() -> Zygote | None:
+            await asyncio.sleep(RESTART_DELAY_S)
+            return await self._zygote_for(zygote.kind)
+
+        task = asyncio.ensure_future(restart())
+        self._restarts.add(task)
+        task.add_done_callback(self._restarts.discard)
 
     def _say_once(self, kind: str, topic: str, text: str) -> None:
         if (kind, topic) not in self._said:
@@ -430,9 +458,10 @@ class ZygotePool:
     async def close(self) -> None:
         """Stop every zygote (after the workers: a zygote's exit would kill its workers)."""
         self._closed = True
-        for task in list(self._starting.values()):
+        pending = [*self._starting.values(), *self._restarts]
+        for task in pending:
             task.cancel()
-        await asyncio.gather(*self._starting.values(), return_exceptions=True)
+        await asyncio.gather(*pending, return_exceptions=True)
         await asyncio.gather(*(z.stop() for z in self._zygotes.values()),
                              return_exceptions=True)
         self._zygotes.clear()

@@ -58,6 +58,9 @@ def test_cli_drives_the_lifecycle(start_server):
     assert " 2m " in line
     assert "recipe" in line and str(server.config_path) in line
     assert "unloaded" in _row(status.stdout, "tone-2")
+    (zygote,) = server.zygote_pids()  # the worker was forked from the synthetic kind's zygote
+    zygote_row = _row(status.stdout, "synthetic")
+    assert "ready" in zygote_row and str(zygote) in zygote_row and zygote_row[-1] == "1"
 
     as_json = run_cli("status", "--json", env=env)
     assert as_json.returncode == 0

@@ -31,6 +31,10 @@ def _zygote(manager) -> dict:
     return row
 
 
+def _zygote_pids(manager) -> list[int]:
+    return [row["pid"] for row in manager.zygotes.describe() if row["pid"] is not None]
+
+
 async def test_a_forked_worker_serves_in_its_own_session_and_unloading_ends_it(
     make_manager: ManagerFactory,
 ) -> None:
@@ -125,6 +129,20 @@ async def test_a_dead_zygote_takes_its_workers_and_is_replaced(
     new_zygote = _zygote(manager)
     assert new_zygote["pid"] not in (None, old_zygote)
     assert psutil.Process(slot.pid).ppid() == new_zygote["pid"]
+
+
+async def test_eager_replaces_a_dead_zygote_without_waiting_for_a_load(
+    make_manager: ManagerFactory,
+) -> None:
+    manager = await make_manager(server(zygotes="eager") + tts("a"))
+    await wait_for(lambda: manager.zygotes.describe() != [], 30, "the eager zygote")
+    first = _zygote(manager)["pid"]
+    os.kill(first, signal.SIGKILL)
+    await wait_for(lambda: _zygote_pids(manager) not in ([], [first]), 30,
+                   "a new zygote to replace the dead one")
+    assert all(s.state is State.UNLOADED for s in manager.slots.values())
+    pid, audio = await speak(manager, "a")
+    assert audio and psutil.Process(pid).ppid() == _zygote(manager)["pid"]
 
 
 async def test_a_zygote_that_cannot_start_means_a_spawn_and_a_log_line(
