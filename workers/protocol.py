@@ -507,7 +507,8 @@ async def read_message(
     if size == 0 or size > max_frame:
         _fail(f"frame length {size} is outside 1..{max_frame}")
     try:
-        body = await asyncio.wait_for(reader.readexactly(size), body_deadline_s)
+        async with asyncio.timeout(body_deadline_s):  # no extra Task, unlike wait_for
+            body = await reader.readexactly(size)
     except asyncio.IncompleteReadError:
         raise ProtocolError(f"connection closed inside a {size}-byte frame") from None
     except TimeoutError:

@@ -6,8 +6,9 @@ included) back. This module is everything in that process except the model itsel
 
 * orphan defence (``PR_SET_PDEATHSIG``, a parent-pid check, exit on socket EOF), so a worker
   never outlives the supervisor that started it;
-* the protocol loop: one reader that decodes frames from the supervisor, one lock-protected
-  writer so frames never interleave;
+* the protocol loop: one reader that decodes frames from the supervisor; frames leave whole,
+  either from the loop or, for chunks and replies made in model threads, through an outbox
+  the loop flushes in batches (:class:`_Outbox`);
 * threads for model code: ``load`` and every ``call`` run in a thread pool so the loop keeps
   answering pings and cancels while the model is busy (or stuck in native code);
 * translation of model outcomes into exactly one terminal frame per request.
@@ -16,7 +17,8 @@ Two small extension points exist for the ``synthetic`` kind's fault injection (a
 kinds that need them): a model may define ``on_shutdown()``, called from the loop thread when
 the supervisor asks the process to end, and :func:`send_raw_from_thread` writes bytes to the
 supervisor exactly as given, bypassing every check, so a test worker can break the protocol
-on purpose. Neither changes what a well-behaved model sees.
+on purpose (:func:`flush_from_thread` first makes sure what was emitted is sent). None of
+them changes what a well-behaved model sees.
 
 The process ends with :func:`os._exit`: model threads may be stuck in native code, and a
 normal interpreter exit would wait for them.
@@ -25,6 +27,7 @@ normal interpreter exit would wait for them.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import ctypes
 import ctypes.util
@@ -109,6 +112,18 @@ def send_raw_from_thread(data: bytes) -> None:
     if runtime is None:
         raise RuntimeError("no worker runtime is serving in this process")
     runtime._send_from_thread(data)
+
+
+def flush_from_thread() -> None:
+    """From a model thread: return once every frame emitted so far is in the socket's hands.
+
+    ``emit`` only queues a frame for the event loop (see :class:`_Outbox`); code that is
+    about to end the process on purpose (fault injection) calls this first.
+    """
+    runtime = _current
+    if runtime is None:
+        raise RuntimeError("no worker runtime is serving in this process")
+    runtime._outbox.wait_flushed()
 
 
 # --------------------------------------------------------------------------- process setup
@@ -216,6 +231,83 @@ class _CallState:
     finished: bool = False
 
 
+class _Outbox:
+    """Frames from model threads, written by the event loop in batches.
+
+    A model thread must not wait for the loop for every chunk: a round trip through
+    ``run_coroutine_threadsafe`` costs a loop wake-up and a thread switch per frame, which
+    for a small answer cut into a few chunks was most of a call's time. Threads append to a
+    list instead, the first append schedules one flush, and the flush hands every waiting
+    frame to the socket at once (one ``send`` for a burst of chunks). Order is kept: frames
+    leave in the order they were put, and a call's ``end`` is written by the loop only after
+    the thread that put its chunks returned, so after their flush.
+
+    Backpressure: ``put`` blocks while more than ``MAX_QUEUED_BYTES`` wait for a flush or
+    while the socket's own buffer is over ``HIGH_WATER_BYTES`` (the supervisor reads
+    slower than the model produces), until the loop has drained it.
+    """
+
+    MAX_QUEUED_BYTES = 4 * 1024 * 1024
+    HIGH_WATER_BYTES = 256 * 1024
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, writer: asyncio.StreamWriter) -> None:
+        self._loop = loop
+        self._writer = writer
+        self._room = threading.Condition()
+        self._frames: list[bytes] = []
+        self._queued = 0
+        self._flush_scheduled = False
+        self._paused = False
+        self._drainer: asyncio.Task[None] | None = None
+
+    def put(self, frame: bytes) -> None:
+        with self._room:
+            while self._paused or (self._frames and self._queued >= self.MAX_QUEUED_BYTES):
+                self._room.wait()
+            self._frames.append(frame)
+            self._queued += len(frame)
+            schedule = not self._flush_scheduled
+            self._flush_scheduled = True
+        if schedule:
+            self._loop.call_soon_threadsafe(self._flush)
+
+    def wait_flushed(self) -> None:
+        """Block (in a thread) until every frame put so far was handed to the transport."""
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        # Callbacks run in order, so this one runs after every flush scheduled before it.
+        self._loop.call_soon_threadsafe(done.set_result, None)
+        done.result()
+
+    def _flush(self) -> None:
+        with self._room:
+            frames, self._frames = self._frames, []
+            self._queued = 0
+            self._flush_scheduled = False
+            self._room.notify_all()
+        try:
+            self._writer.writelines(frames)
+        except (ConnectionError, OSError) as e:
+            log.info("connection to supervisor lost while writing (%s); exiting", e)
+            _exit_now(EXIT_OK)
+        transport = self._writer.transport
+        if transport.get_write_buffer_size() > self.HIGH_WATER_BYTES and self._drainer is None:
+            with self._room:
+                self._paused = True
+            self._drainer = self._loop.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            await self._writer.drain()
+        except (ConnectionError, OSError) as e:
+            log.info("connection to supervisor lost while writing (%s); exiting", e)
+            _exit_now(EXIT_OK)
+        finally:
+            self._drainer = None
+            with self._room:
+                self._paused = False
+                self._room.notify_all()
+
+
 class WorkerRuntime:
     """One connection to the supervisor and the one model behind it."""
 
@@ -235,6 +327,7 @@ class WorkerRuntime:
         self._writer = writer
         self._write_lock = asyncio.Lock()
         self._loop = asyncio.get_running_loop()
+        self._outbox = _Outbox(self._loop, writer)
         self._pool = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="model")
         self._model: Model | None = None
         self._load_seen = False
@@ -257,8 +350,8 @@ class WorkerRuntime:
         await self._write(encode(message))
 
     def _send_from_thread(self, frame: bytes) -> None:
-        """Write a frame from a model thread, waiting until it is on its way (backpressure)."""
-        asyncio.run_coroutine_threadsafe(self._write(frame), self._loop).result()
+        """Write a frame from a model thread (through the outbox: see :class:`_Outbox`)."""
+        self._outbox.put(frame)
 
     # ------------------------------------------------------------- reading
 
@@ -423,26 +516,36 @@ class WorkerRuntime:
                 with state.emitting:
                     state.finished = True
 
-        reply: Message
+        def run_and_reply() -> None:
+            # The terminal frame leaves from this thread, through the outbox, so that it
+            # usually shares one send with the call's last chunks.
+            try:
+                reply = End(id=message.id, result=run())
+            except SystemExit as e:  # sys.exit() in model code fails this request only
+                reply = _error(message.id, ErrorCode.INTERNAL, f"model code raised {e!r}")
+            except ModelError as e:
+                reply = _error(message.id, e.code, e.message)
+            except Cancelled:
+                reply = _error(message.id, ErrorCode.CANCELLED, "cancelled")
+            except MemoryError as e:
+                reply = _error(message.id, ErrorCode.OUT_OF_MEMORY, f"out of memory: {e}")
+            except Exception as e:
+                log.error("call %d (%s) failed:\n%s", message.id, message.op,
+                          traceback.format_exc())
+                reply = _error(message.id, ErrorCode.INTERNAL, f"{type(e).__name__}: {e}")
+            try:
+                frame = _checked_frame(reply)
+            except ValueError as e:
+                log.error("call %d (%s) returned a bad result: %s", message.id, message.op, e)
+                frame = encode(_error(message.id, ErrorCode.INTERNAL, f"bad call result: {e}"))
+            self._outbox.put(frame)
+
         try:
-            result = await self._in_thread(run)
-            reply = End(id=message.id, result=result)
-        except ModelError as e:
-            reply = _error(message.id, e.code, e.message)
-        except Cancelled:
-            reply = _error(message.id, ErrorCode.CANCELLED, "cancelled")
-        except MemoryError as e:
-            reply = _error(message.id, ErrorCode.OUT_OF_MEMORY, f"out of memory: {e}")
-        except Exception as e:
-            log.error("call %d (%s) failed:\n%s", message.id, message.op, traceback.format_exc())
-            reply = _error(message.id, ErrorCode.INTERNAL, f"{type(e).__name__}: {e}")
-        try:
-            frame = _checked_frame(reply)
-        except ValueError as e:
-            log.error("call %d (%s) returned a bad result: %s", message.id, message.op, e)
-            frame = encode(_error(message.id, ErrorCode.INTERNAL, f"bad call result: {e}"))
-        try:
-            await self._write(frame)
+            await self._loop.run_in_executor(self._pool, run_and_reply)
+        except BaseException as e:  # KeyboardInterrupt in a model thread, or a bug above
+            log.error("call %d (%s) ended without a reply: %r", message.id, message.op, e)
+            await self._write(encode(_error(message.id, ErrorCode.INTERNAL,
+                                            f"{type(e).__name__}: {e}")))
         finally:
             del self._calls[message.id]
 

@@ -80,7 +80,7 @@ from workers.base import (
     invalid,
 )
 from workers.protocol import WARMUP_OP, Chunk, ErrorCode, encode
-from workers.runtime import send_raw_from_thread
+from workers.runtime import flush_from_thread, send_raw_from_thread
 
 VOICES: Mapping[str, float] = {"tone": 440.0, "low": 220.0, "high": 880.0}
 FORMATS: tuple[str, ...] = ("wav", "pcm")
@@ -421,6 +421,8 @@ def real_memory_error(headroom_mib: int = 256, allocate_mib: int = 1024) -> None
 
 def call_fault(fault: str) -> None:
     """Inject one of the ``*_mid_call`` faults, from a model thread."""
+    # "After N chunks" means after they were sent: emit() only queues a frame for the loop.
+    flush_from_thread()
     if fault == "segfault_mid_call":
         ctypes.string_at(0)  # a real SIGSEGV
         os.kill(os.getpid(), signal.SIGSEGV)  # pragma: no cover - in case address 0 reads

@@ -198,6 +198,7 @@ heartbeat_timeout = "3s"
 log_level = "DEBUG"
 preload = ["tts1"]
 data_dir = "/var/cache/lemonade"
+zygotes = "Eager"
 """
     + MINIMAL_MODEL
 )
@@ -223,6 +224,7 @@ def test_every_server_key_from_file(tmp_path: Path) -> None:
     assert s.log_level == "debug"
     assert s.preload == ("tts1",)
     assert s.data_dir == "/var/cache/lemonade"
+    assert s.zygotes == "eager"
     file_source = f"file {tmp_path / 'lemonade.toml'}"
     assert all(source == file_source for name, source in s.sources.items() if name != "api_key")
 
@@ -250,6 +252,8 @@ def test_every_server_key_from_file(tmp_path: Path) -> None:
         ("heartbeat_interval = 0", "heartbeat_interval", "greater than 0"),
         ('call_timeout = "forever"', "call_timeout", "duration"),
         ('log_level = "loud"', "log_level", "warning"),
+        ('zygotes = "sometimes"', "zygotes", "off, lazy, eager"),
+        ("zygotes = true", "zygotes", "off, lazy, eager"),
         ('preload = "tts1"', "preload", "array"),
         ('preload = ["bad name"]', "preload", "model name"),
         ('default_model = "bad/name"', "default_model", "model name"),
