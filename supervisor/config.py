@@ -11,6 +11,7 @@ what it is.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import re
@@ -229,6 +230,7 @@ _SERVER_FIELDS = (*(k.field for k in _SERVER_KEYS), "max_loaded_per_type", "api_
 # --- helpers -------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=256)  # asked on every request, with the same few Host values
 def is_loopback_host(host: str) -> bool:
     """True for names that only this machine can reach: localhost, 127.0.0.0/8, ::1."""
     if host.strip("[]").lower() == "localhost":
