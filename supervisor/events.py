@@ -21,7 +21,8 @@ _QUEUE_SIZE = 256
 class EventBus:
     def __init__(self) -> None:
         self._listeners: list[Callable[[Event], None]] = []
-        self._queues: set[asyncio.Queue[Event]] = set()
+        #: Each subscriber's queue and how many events it lost since it was last told.
+        self._queues: dict[asyncio.Queue[Event], int] = {}
         self.published = 0
 
     def listen(self, callback: Callable[[Event], None]) -> None:
@@ -36,14 +37,22 @@ class EventBus:
             if queue.full():
                 with contextlib.suppress(asyncio.QueueEmpty):
                     queue.get_nowait()  # a slow reader loses the oldest event, not the newest
+                    self._queues[queue] += 1
             queue.put_nowait(event)
         return event
 
     @contextlib.asynccontextmanager
     async def subscribe(self) -> AsyncIterator[asyncio.Queue[Event]]:
         queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=_QUEUE_SIZE)
-        self._queues.add(queue)
+        self._queues[queue] = 0
         try:
             yield queue
         finally:
-            self._queues.discard(queue)
+            self._queues.pop(queue, None)
+
+    def take_dropped(self, queue: asyncio.Queue[Event]) -> int:
+        """Events ``queue``'s subscriber lost since the last call (and reset the count)."""
+        dropped = self._queues.get(queue, 0)
+        if dropped:
+            self._queues[queue] = 0
+        return dropped

@@ -2,11 +2,12 @@
 
 A worker is ``python -m workers`` in its own session (so its whole process group can be
 killed), with an allowlisted environment, either spawned here or forked by its kind's zygote
-(:mod:`supervisor.zygote`); from the socket handshake on, both are handled by the same code. It connects back to a Unix socket that only it may
-use: the socket lives in the supervisor's private 0700 runtime directory, is created 0600,
-accepts exactly one connection, checks the peer's pid with ``SO_PEERCRED``, and is unlinked
-as soon as the worker is connected. The worker's stdout and stderr are forwarded to the log
-line by line with a ``[model]`` prefix, and the last lines are kept for error messages.
+(:mod:`supervisor.zygote`); from the socket handshake on, both are handled by the same code.
+It connects back to a Unix socket that only it may use: the socket lives in the supervisor's
+private 0700 runtime directory, is created 0600, accepts exactly one connection, checks the
+peer's pid with ``SO_PEERCRED``, and is unlinked as soon as the worker is connected. The
+worker's stdout and stderr are forwarded to the log line by line with a ``[model]`` prefix,
+and the last lines are kept for error messages.
 
 Stopping is written so it cannot be skipped: ``stop()`` runs as its own task (callers shield
 it) and always ends with the group killed and the process reaped.

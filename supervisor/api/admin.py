@@ -213,6 +213,10 @@ async def events(request: web.Request) -> web.StreamResponse:
                     await response.write(b": keep-alive\n\n")
                 continue
             event = get.result()
+            dropped = manager.events.take_dropped(queue)
+            if dropped:  # this client fell behind: say how many events it missed
+                note = json.dumps({"event": "dropped", "count": dropped})
+                await response.write(f"event: dropped\ndata: {note}\n\n".encode())
             payload = json.dumps(event, separators=(",", ":"))
             await response.write(f"event: {event['event']}\ndata: {payload}\n\n".encode())
     await response.write_eof()
