@@ -55,6 +55,7 @@ from hop_servers import (
 )
 
 from supervisor.config import Recipe
+from workers import event_loop
 
 MODEL = "tone"
 #: Six characters: 0.36 s of tone, 5.8 KB of 8 kHz WAV.
@@ -219,7 +220,8 @@ def print_machine() -> None:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"machine: {os.cpu_count()} CPUs ({cpus} usable), {platform.system()} "
           f"{platform.machine()}, Python {platform.python_version()}, aiohttp "
-          f"{aiohttp.__version__}, msgpack {'.'.join(map(str, msgpack.version))}")
+          f"{aiohttp.__version__}, msgpack {'.'.join(map(str, msgpack.version))}, "
+          f"event loop {event_loop.name()} (every server here runs on it)")
 
 
 def print_latency(times: dict[str, list[float]], audio_bytes: int) -> None:

@@ -30,6 +30,7 @@ import aiohttp
 import msgpack
 from aiohttp import web
 
+from workers import event_loop
 from workers.base import CallContext, LoadContext, LoadRequest
 from workers.runtime import set_parent_death_signal
 from workers.synthetic import SyntheticModel
@@ -140,7 +141,7 @@ def serve_raw(conn: Connection, socket_path: str) -> None:
         conn.send(socket_path)
         await server.serve_forever()
 
-    asyncio.run(main())
+    event_loop.run(main())  # the loop lemonade itself runs on, so only the architecture differs
 
 
 def pack_frame(value: Any) -> bytes:
@@ -169,7 +170,7 @@ def _run_http(conn: Connection, make_app: Callable[[], Awaitable[web.Application
         conn.send(runner.addresses[0][1])
         await asyncio.Event().wait()  # SIGTERM (default action) ends the process
 
-    asyncio.run(main())
+    event_loop.run(main())  # the loop lemonade itself runs on, so only the architecture differs
 
 
 class Helper:

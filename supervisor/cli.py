@@ -8,7 +8,6 @@ HTTP client and print a clear message when no server answers.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import json
 import logging
@@ -76,8 +75,9 @@ def serve(**options: Any) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format=_LOG_FORMAT, stream=sys.stderr)
     os.environ["LEMONADE_LOG_LEVEL"] = settings.log_level  # workers log at the same level
     from supervisor.server import serve as run_server  # keeps client commands light to start
+    from workers import event_loop
 
-    asyncio.run(run_server(settings))
+    event_loop.run(run_server(settings))
 
 
 # ===================================================================== client commands

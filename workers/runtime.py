@@ -46,7 +46,7 @@ from typing import Any, NoReturn, TypeVar
 
 import psutil
 
-from workers import registry
+from workers import event_loop, registry
 from workers.base import (
     CallContext,
     Cancelled,
@@ -224,11 +224,31 @@ def _checked_frame(message: Message) -> bytes:
 @dataclass
 class _CallState:
     cancelled: threading.Event = field(default_factory=threading.Event)
-    #: Held from numbering a chunk until it is written, so seq order is wire order even if
-    #: a model emits from several threads.
+    #: Held while a chunk is checked and queued, so that queue order is emit order even if
+    #: a model emits from several threads, and nothing is queued after the call finished.
     emitting: threading.Lock = field(default_factory=threading.Lock)
+    #: The next chunk's sequence number; only the outbox flush (in the loop) numbers chunks.
     seq: int = 0
     finished: bool = False
+
+
+@dataclass
+class _QueuedChunk:
+    """A chunk waiting in the outbox; it gets its number (and maybe neighbours) at flush."""
+
+    call_id: int
+    state: _CallState
+    data: Any
+
+    @property
+    def size(self) -> int:
+        return len(self.data) if isinstance(self.data, bytes | str) else _FRAME_GUESS
+
+
+_FRAME_GUESS = 256  # what a small non-bytes chunk costs in the outbox, roughly
+_CHUNK_FRAME_OVERHEAD = 64  # a chunk frame's bytes beyond its data (keys, id, seq)
+#: Adjacent byte chunks of one call are joined into frames of at most this size at flush.
+_MERGED_CHUNK_BYTES = 1024 * 1024
 
 
 class _Outbox:
@@ -238,9 +258,10 @@ class _Outbox:
     ``run_coroutine_threadsafe`` costs a loop wake-up and a thread switch per frame, which
     for a small answer cut into a few chunks was most of a call's time. Threads append to a
     list instead, the first append schedules one flush, and the flush hands every waiting
-    frame to the socket at once (one ``send`` for a burst of chunks). Order is kept: frames
-    leave in the order they were put, and a call's ``end`` is written by the loop only after
-    the thread that put its chunks returned, so after their flush.
+    frame to the socket at once (one ``send`` for a burst of chunks, usually with the call's
+    ``end``). Byte chunks of one call that are still waiting side by side are joined into one
+    frame (up to 1 MiB): audio pieces the supervisor would only concatenate again. Order is
+    kept: items leave in the order they were put, and chunks are numbered as they leave.
 
     Backpressure: ``put`` blocks while more than ``MAX_QUEUED_BYTES`` wait for a flush or
     while the socket's own buffer is over ``HIGH_WATER_BYTES`` (the supervisor reads
@@ -254,18 +275,20 @@ class _Outbox:
         self._loop = loop
         self._writer = writer
         self._room = threading.Condition()
-        self._frames: list[bytes] = []
+        self._items: list[bytes | _QueuedChunk] = []
         self._queued = 0
         self._flush_scheduled = False
         self._paused = False
         self._drainer: asyncio.Task[None] | None = None
 
-    def put(self, frame: bytes) -> None:
+    def put(self, item: bytes | _QueuedChunk) -> None:
+        """Queue an encoded frame, or a chunk to be numbered (and maybe joined) at flush."""
+        size = len(item) if isinstance(item, bytes) else item.size
         with self._room:
-            while self._paused or (self._frames and self._queued >= self.MAX_QUEUED_BYTES):
+            while self._paused or (self._items and self._queued >= self.MAX_QUEUED_BYTES):
                 self._room.wait()
-            self._frames.append(frame)
-            self._queued += len(frame)
+            self._items.append(item)
+            self._queued += size
             schedule = not self._flush_scheduled
             self._flush_scheduled = True
         if schedule:
@@ -280,10 +303,11 @@ class _Outbox:
 
     def _flush(self) -> None:
         with self._room:
-            frames, self._frames = self._frames, []
+            items, self._items = self._items, []
             self._queued = 0
             self._flush_scheduled = False
             self._room.notify_all()
+        frames = _frames_of(items)
         try:
             self._writer.writelines(frames)
         except (ConnectionError, OSError) as e:
@@ -306,6 +330,36 @@ class _Outbox:
             with self._room:
                 self._paused = False
                 self._room.notify_all()
+
+
+def _frames_of(items: list[bytes | _QueuedChunk]) -> list[bytes]:
+    """Encode queued items in order, joining runs of one call's byte chunks."""
+    frames: list[bytes] = []
+    i = 0
+    while i < len(items):
+        item = items[i]
+        i += 1
+        if isinstance(item, bytes):
+            frames.append(item)
+            continue
+        data = item.data
+        if isinstance(data, bytes):
+            parts = [data]
+            size = len(data)
+            while i < len(items):
+                following = items[i]
+                if (not isinstance(following, _QueuedChunk) or following.call_id != item.call_id
+                        or not isinstance(following.data, bytes)
+                        or size + len(following.data) > _MERGED_CHUNK_BYTES):
+                    break
+                parts.append(following.data)
+                size += len(following.data)
+                i += 1
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
+        # Checked when it was emitted, so encoding cannot fail here.
+        frames.append(encode(Chunk(id=item.call_id, seq=item.state.seq, data=data)))
+        item.state.seq += 1
+    return frames
 
 
 class WorkerRuntime:
@@ -500,12 +554,18 @@ class WorkerRuntime:
 
     async def _run_call(self, message: Call, model: Model, state: _CallState) -> None:
         def emit(data: Any) -> None:
+            if isinstance(data, bytearray | memoryview):
+                data = bytes(data)
             with state.emitting:
                 if state.finished:
                     raise RuntimeError(f"emit after call {message.id} finished")
-                frame = _checked_frame(Chunk(id=message.id, seq=state.seq, data=data))
-                state.seq += 1
-                self._send_from_thread(frame)
+                if isinstance(data, bytes):
+                    if len(data) > MAX_WORKER_FRAME_BYTES - _CHUNK_FRAME_OVERHEAD:
+                        raise ValueError(f"chunk frame of {len(data)} bytes exceeds "
+                                         f"{MAX_WORKER_FRAME_BYTES} bytes")
+                else:  # check now, so the model hears of a bad chunk; numbered at flush
+                    _checked_frame(Chunk(id=message.id, seq=0, data=data))
+                self._outbox.put(_QueuedChunk(message.id, state, data))
 
         def run() -> Any:
             try:
@@ -590,7 +650,7 @@ def main(
         log.error("parent %d is gone (ppid is %d); exiting", parent_pid, os.getppid())
         return EXIT_ORPHANED
     harden_process()
-    asyncio.run(_serve(socket_path, kind, max_threads))
+    event_loop.run(_serve(socket_path, kind, max_threads))
     return EXIT_OK  # pragma: no cover - _serve never returns
 
 

@@ -71,12 +71,14 @@ async def test_p4_sigkill_mid_stream_leaves_a_strict_prefix_and_no_replay(
 ) -> None:
     h = await harness({"m": {"fault": "sigkill_mid_call", "fault_after_chunks": 2,
                               "chunks": 6}})
-    clean = await harness({"m": {"chunks": 6}})
+    # Pieces 100 ms apart, so the reference arrives one piece per frame.
+    clean = await harness({"m": {"chunks": 6, "latency_ms": 600}})
     out = await h.speak("m")
     reference = await clean.speak("m")
     assert out.status == 502
-    assert len(out.chunks) == 2
-    assert out.chunks == reference.chunks[:2]  # a strict prefix, nothing duplicated
+    assert len(reference.chunks) == 6
+    # Exactly the two pieces sent before the kill: a strict prefix, nothing duplicated.
+    assert b"".join(out.chunks) == b"".join(reference.chunks[:2])
     assert h.manager.spawns == 1  # no replay
 
 

@@ -141,5 +141,7 @@ async def test_s10_concurrent_streams_on_one_worker_each_get_their_own(
     for text, out in zip(texts, outcomes, strict=True):
         assert out.status == 200, out.error
         expected = await reference.speak("m", text)
-        assert out.chunks == expected.chunks  # every chunk its own, in order, none missing
+        # Every byte its own, in order, none missing (how the bytes were cut into frames
+        # depends on timing: a worker joins pieces that were waiting side by side).
+        assert b"".join(out.chunks) == b"".join(expected.chunks)
     assert h.manager.slots["m"].in_flight == 0
