@@ -550,9 +550,11 @@ class WorkerRuntime:
             self._protocol_error(f"call id {message.id} is already in flight")
         state = _CallState()
         self._calls[message.id] = state
-        self._spawn(self._run_call(message, self._model, state))
+        self._run_call(message, self._model, state)
 
-    async def _run_call(self, message: Call, model: Model, state: _CallState) -> None:
+    def _run_call(self, message: Call, model: Model, state: _CallState) -> None:
+        """Hand the call to a model thread now (no task in between: this is the hot path);
+        the thread sends the reply itself, through the outbox."""
         def emit(data: Any) -> None:
             if isinstance(data, bytearray | memoryview):
                 data = bytes(data)
@@ -600,14 +602,19 @@ class WorkerRuntime:
                 frame = encode(_error(message.id, ErrorCode.INTERNAL, f"bad call result: {e}"))
             self._outbox.put(frame)
 
-        try:
-            await self._loop.run_in_executor(self._pool, run_and_reply)
-        except BaseException as e:  # KeyboardInterrupt in a model thread, or a bug above
-            log.error("call %d (%s) ended without a reply: %r", message.id, message.op, e)
-            await self._write(encode(_error(message.id, ErrorCode.INTERNAL,
-                                            f"{type(e).__name__}: {e}")))
-        finally:
-            del self._calls[message.id]
+        def finished(future: concurrent.futures.Future[None]) -> None:
+            # In a model thread (or here, if the pool refused the job): hop to the loop.
+            self._loop.call_soon_threadsafe(self._call_finished, message, future)
+
+        self._pool.submit(run_and_reply).add_done_callback(finished)
+
+    def _call_finished(self, message: Call, future: concurrent.futures.Future[None]) -> None:
+        del self._calls[message.id]
+        error = future.exception()
+        if error is not None:  # KeyboardInterrupt in a model thread, or a bug in the reply
+            log.error("call %d (%s) ended without a reply: %r", message.id, message.op, error)
+            self._spawn(self._write(encode(_error(message.id, ErrorCode.INTERNAL,
+                                                  f"{type(error).__name__}: {error}"))))
 
 
 # --------------------------------------------------------------------------- entry point
