@@ -33,6 +33,7 @@ from supervisor.errors import (
     WorkerFailed,
 )
 from workers.protocol import (
+    FRAME_BODY_DEADLINE_S,
     FROM_WORKER,
     MAX_WORKER_FRAME_BYTES,
     Call,
@@ -40,6 +41,7 @@ from workers.protocol import (
     Chunk,
     End,
     ErrorCode,
+    FrameSplitter,
     Load,
     Loaded,
     Message,
@@ -49,13 +51,14 @@ from workers.protocol import (
     ProtocolError,
     Shutdown,
     encode,
-    read_message,
 )
 from workers.protocol import Error as ErrorMsg
 
 log = logging.getLogger(__name__)
 
 _AFTER_HELLO = {t: cls for t, cls in FROM_WORKER.items() if t != "hello"}
+#: One read takes up to this much of what the worker sent (many frames at once).
+_READ_BYTES = 256 * 1024
 
 
 _STATUS_BY_CODE: dict[str, type[LemonadeError]] = {
@@ -152,23 +155,37 @@ class Channel:
     # ----------------------------------------------------------------- reading
 
     async def _read_loop(self) -> None:
+        # Whole blocks, split here (one read and no per-frame awaits for a burst of frames);
+        # a frame that has begun must be complete within FRAME_BODY_DEADLINE_S.
+        frames = FrameSplitter(_AFTER_HELLO, max_frame=MAX_WORKER_FRAME_BYTES)
+        loop = asyncio.get_running_loop()
         try:
             while True:
-                msg = await read_message(
-                    self._reader, _AFTER_HELLO, max_frame=MAX_WORKER_FRAME_BYTES
-                )
-                if msg is None:
+                started = frames.frame_started_at
+                if started is None:
+                    data = await self._reader.read(_READ_BYTES)
+                else:
+                    try:
+                        async with asyncio.timeout_at(started + FRAME_BODY_DEADLINE_S):
+                            data = await self._reader.read(_READ_BYTES)
+                    except TimeoutError:
+                        raise ProtocolError(f"a frame did not arrive within "
+                                            f"{FRAME_BODY_DEADLINE_S}s") from None
+                if not data:
+                    frames.check_eof()
                     self._close("the worker closed its connection")
                     return
-                pending = self._route(msg)
-                if pending is not None and not pending.space.is_set():
-                    # The consumer is slower than the worker: stop reading until it catches up.
-                    self._reading_paused = True
-                    self._pauses += 1
-                    try:
-                        await pending.space.wait()
-                    finally:
-                        self._reading_paused = False
+                for msg in frames.feed(data, loop.time()):
+                    pending = self._route(msg)
+                    if pending is not None and not pending.space.is_set():
+                        # The consumer is slower than the worker: stop reading (the frames
+                        # already split are routed first) until it catches up.
+                        self._reading_paused = True
+                        self._pauses += 1
+                        try:
+                            await pending.space.wait()
+                        finally:
+                            self._reading_paused = False
         except ProtocolError as e:
             log.warning("worker for %s broke the protocol: %s", self.model, e)
             self._close(f"the worker broke the protocol ({e})", broken=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NoReturn
 
@@ -516,3 +516,51 @@ async def read_message(
             f"a {size}-byte frame did not arrive within {body_deadline_s}s"
         ) from None
     return decode_body(body, allowed)
+
+
+class FrameSplitter:
+    """Cuts a byte stream into messages, for a reader that takes whatever bytes have arrived.
+
+    :func:`read_message` awaits each header and each body on its own; a busy reader (the
+    supervisor's end of a worker socket) instead reads big blocks and takes every complete
+    frame out of them at once. The rules are the same: a length outside ``1..max_frame``
+    is refused as soon as the header is seen, before any body is kept, and every body goes
+    through :func:`decode_body`. ``mid_frame`` says a frame has started and not finished,
+    so the caller can hold the rest of it to a deadline (``frame_started_at``).
+    """
+
+    def __init__(self, allowed: Mapping[str, type[Message]], *, max_frame: int) -> None:
+        self._allowed = allowed
+        self._max_frame = max_frame
+        self._buffer = bytearray()
+        self.frame_started_at: float | None = None
+
+    @property
+    def mid_frame(self) -> bool:
+        return bool(self._buffer)
+
+    def feed(self, data: bytes, now: float) -> Iterator[Message]:
+        """Add bytes; yields the messages they completed, in order. A bad frame raises
+        ProtocolError after the good ones before it were yielded."""
+        buffer = self._buffer
+        if not buffer:
+            self.frame_started_at = now
+        buffer += data
+        while len(buffer) >= _HEADER_BYTES:
+            size = int.from_bytes(buffer[:_HEADER_BYTES], "big")
+            if size == 0 or size > self._max_frame:
+                _fail(f"frame length {size} is outside 1..{self._max_frame}")
+            end = _HEADER_BYTES + size
+            if len(buffer) < end:
+                return
+            body = bytes(buffer[_HEADER_BYTES:end])
+            del buffer[:end]
+            self.frame_started_at = now if buffer else None
+            yield decode_body(body, self._allowed)
+
+    def check_eof(self) -> None:
+        """The peer closed the connection: fine between frames, a violation inside one."""
+        if self._buffer:
+            what = "header" if len(self._buffer) < _HEADER_BYTES else "frame"
+            _fail(f"connection closed inside a {what}")
+

@@ -26,6 +26,7 @@ from workers.protocol import (
     End,
     Error,
     ErrorCode,
+    FrameSplitter,
     Hello,
     Load,
     Loaded,
@@ -379,3 +380,47 @@ def test_a_frame_within_the_container_budget_decodes() -> None:
     body = msgpack.packb({"t": "end", "id": 1, "result": rows})
     message = decode_body(body, FROM_WORKER)
     assert isinstance(message, End) and message.result == rows
+
+
+# ----------------------------------------------------------------------------- FrameSplitter
+
+
+def _splitter() -> FrameSplitter:
+    return FrameSplitter(FROM_WORKER, max_frame=1024)
+
+
+def test_frames_split_anywhere_come_out_whole_and_in_order() -> None:
+    stream = b"".join(encode(Chunk(id=1, seq=i, data=bytes([i]) * 50)) for i in range(3))
+    stream += encode(End(id=1, result={"ok": True}))
+    for cut in (1, 3, 4, 5, 57, len(stream) - 1):
+        splitter = _splitter()
+        got = list(splitter.feed(stream[:cut], now=1.0))
+        assert splitter.mid_frame and splitter.frame_started_at == 1.0
+        got += list(splitter.feed(stream[cut:], now=2.0))
+        assert not splitter.mid_frame and splitter.frame_started_at is None
+        assert [m.T for m in got] == ["chunk", "chunk", "chunk", "end"], cut
+        assert [m.data for m in got[:3]] == [b"\x00" * 50, b"\x01" * 50, b"\x02" * 50]
+
+
+def test_an_oversized_length_is_refused_before_its_body_arrives() -> None:
+    splitter = _splitter()
+    with pytest.raises(ProtocolError, match=r"outside 1\.\.1024"):
+        list(splitter.feed(b"\x00\x00\x04\x01", now=0.0))
+
+
+def test_good_frames_before_a_bad_one_are_still_delivered() -> None:
+    good = encode(Chunk(id=1, seq=0, data=b"audio"))
+    garbage = b"\x00\x00\x00\x04\xc1\xc1\xc1\xc1"
+    messages = _splitter().feed(good + garbage, now=0.0)
+    assert next(messages).data == b"audio"
+    with pytest.raises(ProtocolError):
+        next(messages)
+
+
+def test_a_close_inside_a_frame_is_a_violation_and_between_frames_is_not() -> None:
+    splitter = _splitter()
+    list(splitter.feed(encode(End(id=1, result=None)), now=0.0))
+    splitter.check_eof()  # clean
+    list(splitter.feed(b"\x00\x00\x03\xe8" + b"\x81" * 10, now=0.0))
+    with pytest.raises(ProtocolError, match="inside a frame"):
+        splitter.check_eof()
