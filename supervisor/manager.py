@@ -497,7 +497,7 @@ class Manager:
                 outcome = policy.plan_admission(
                     target,
                     residents(self.slots.values(), exclude=slot),
-                    limits(self.settings, self.memory_budget_bytes),
+                    limits(self.settings, self.budget_for_models()),
                     loop.time(),
                 )
                 if isinstance(outcome, policy.Refusal):
@@ -605,7 +605,7 @@ class Manager:
             slot.info["warmup_seconds"] = round(warmup_s, 4)
         slot.vram_bytes = loaded.memory.get("vram", 0)
         slot.rss_bytes = max(worker.rss_bytes(), loaded.memory.get("rss", 0))
-        slot.measured_cost_bytes = slot.vram_bytes or slot.rss_bytes
+        slot.measured_cost_bytes = slot.vram_bytes or worker.freed_on_exit_bytes() or slot.rss_bytes
         self._spawn_task(self._watch_exit(slot, worker), f"watch-{recipe.name}-{worker.pid}")
 
     def _load_timeout(self) -> GatewayTimeout:
@@ -724,6 +724,13 @@ class Manager:
         return problems
 
     # ================================================================ status
+
+    def budget_for_models(self) -> int | None:
+        """The memory budget less what the zygotes hold: models get what is left."""
+        if self.memory_budget_bytes is None:
+            return None
+        held = self.zygotes.held_bytes() if self.zygotes is not None else 0
+        return max(0, self.memory_budget_bytes - held)
 
     def refresh_memory(self) -> None:
         for slot in self.slots.values():

@@ -238,6 +238,27 @@ class WorkerProcess:
             return 0
         return total
 
+    def freed_on_exit_bytes(self) -> int:
+        """Memory that ending this worker would give back: what the planner charges for it.
+
+        A spawned worker's RSS. A forked worker shares its zygote's pages (the imported
+        modules, hundreds of MB) copy-on-write; its RSS counts them, but they stay with the
+        zygote when it exits. Its unique set size (USS, from ``/proc/<pid>/smaps_rollup``) is
+        what it really holds, and the zygote's own memory is charged once, to the pool.
+        """
+        if self.started_by != "fork":
+            return self.rss_bytes()
+        if self._ps is None or not self.alive:
+            return 0
+        try:
+            total = int(self._ps.memory_full_info().uss)
+            for child in self._ps.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    total += int(child.memory_full_info().uss)
+        except psutil.Error:
+            return self.rss_bytes()
+        return total
+
     # ----------------------------------------------------------------- stop
 
     def stop(self, grace_s: float) -> asyncio.Task[int]:

@@ -455,6 +455,10 @@ class ZygotePool:
     def describe(self) -> list[dict[str, Any]]:
         return [z.describe() for z in self._zygotes.values()]
 
+    def held_bytes(self) -> int:
+        """Memory the running zygotes hold (their RSS: the pages their workers share)."""
+        return sum(z.rss_bytes() for z in self._zygotes.values())
+
     async def close(self) -> None:
         """Stop every zygote (after the workers: a zygote's exit would kill its workers)."""
         self._closed = True

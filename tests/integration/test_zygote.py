@@ -176,3 +176,19 @@ async def test_closing_the_manager_ends_zygotes_and_workers(make_manager: Manage
     await manager.close()
     assert all(process_gone(pid) for pid in pids)
     assert manager.zygotes.describe() == []
+
+
+async def test_a_forked_worker_is_charged_what_its_exit_frees_and_the_zygote_once(
+    make_manager: ManagerFactory,
+) -> None:
+    manager = await make_manager(server(zygotes="lazy", memory_budget="8GiB")
+                                 + tts("big", options={"memory_mb": 300}))
+    await manager.load("big")
+    slot = manager.slots["big"]
+    # RSS counts the pages shared with the zygote; they stay behind when the worker exits.
+    assert 300 * MiB < slot.cost_bytes() < slot.rss_bytes
+    zygote_rss = _zygote(manager)["rss_bytes"]
+    assert zygote_rss > 0
+    budget = manager.budget_for_models()
+    assert budget is not None
+    assert abs(budget - (8 * 1024 * MiB - zygote_rss)) < 16 * MiB  # it may grow a little
