@@ -99,7 +99,8 @@ class WorkerProcess:
         self.writer = writer
         self.output_tail = output_tail
         self._forwarders = forwarders
-        #: "spawn" or "fork", and seconds from asking for a process to its hello.
+        #: "spawn" or "fork", and seconds from asking for the process (the spawn, or the
+        #: fork request to a running zygote) to its hello.
         self.started_by = "spawn"
         self.hello_seconds = 0.0
         self.exited: asyncio.Task[int] = asyncio.ensure_future(self._wait())
@@ -155,6 +156,7 @@ class WorkerProcess:
                 forked = await zygotes.fork(kind, os.fspath(path), max_concurrency)
             if forked is not None:
                 proc, streams = forked.proc, (forked.stdout, forked.stderr)
+                started = forked.requested_at  # a zygote's own start is logged on its own
             else:
                 spawned = await _spawn_process(model, kind, path, max_concurrency,
                                                worker_environment(data_dir=data_dir)

@@ -115,6 +115,8 @@ class ForkedWorker:
     proc: ForkedProcess
     stdout: asyncio.StreamReader
     stderr: asyncio.StreamReader
+    #: ``time.perf_counter()`` when the fork was asked for (after any zygote start).
+    requested_at: float
 
 
 class Zygote:
@@ -278,6 +280,7 @@ class Zygote:
         request_id = self._next_id
         future: asyncio.Future[ForkedProcess | str] = loop.create_future()
         self._pending[request_id] = future
+        requested_at = time.perf_counter()
         try:
             send(self._control,
                  encode("fork", id=request_id, socket=socket_path, max_threads=max_threads),
@@ -300,7 +303,7 @@ class Zygote:
             os.close(err_r)
             return outcome
         self.forks += 1
-        return ForkedWorker(outcome, await _reader(out_r), await _reader(err_r))
+        return ForkedWorker(outcome, await _reader(out_r), await _reader(err_r), requested_at)
 
     def rss_bytes(self) -> int:
         if self.pid is None or not self.alive:
