@@ -154,6 +154,7 @@ class WorkerProcess:
             forked = None
             if zygotes is not None and env is None:  # a custom env needs a fresh interpreter
                 forked = await zygotes.fork(kind, os.fspath(path), max_concurrency)
+            streams: tuple[asyncio.StreamReader | None, ...]
             if forked is not None:
                 proc, streams = forked.proc, (forked.stdout, forked.stderr)
                 started = forked.requested_at  # a zygote's own start is logged on its own

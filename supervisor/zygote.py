@@ -134,7 +134,7 @@ class Zygote:
         self.started_at: float | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._control: socket.socket | None = None
-        self._ready: asyncio.Future[dict[str, Any]] | None = None
+        self._ready: asyncio.Future[Any] | None = None
         self._pending: dict[int, asyncio.Future[ForkedProcess | str]] = {}
         self._children: dict[int, ForkedProcess] = {}
         self._watcher: asyncio.Task[None] | None = None
@@ -175,7 +175,7 @@ class Zygote:
             for stream in (self._proc.stdout, self._proc.stderr)
         ]
         loop.add_reader(ours, self._on_readable)
-        watcher = asyncio.ensure_future(self._proc.wait())
+        watcher: asyncio.Future[Any] = asyncio.ensure_future(self._proc.wait())
         try:
             done, _ = await asyncio.wait({self._ready, watcher}, timeout=timeout_s,
                                          return_when=asyncio.FIRST_COMPLETED)
@@ -240,9 +240,9 @@ class Zygote:
             if future is not None and not future.done():
                 future.set_result(message["error"])
         elif kind == "exited":
-            child = self._children.pop(message["pid"], None)
-            if child is not None:
-                child.finish(message["code"])
+            gone = self._children.pop(message["pid"], None)
+            if gone is not None:
+                gone.finish(message["code"])
         else:
             raise ZygoteProtocolError(f"unexpected {kind} from a zygote")
 
@@ -325,7 +325,7 @@ class Zygote:
                 await asyncio.wait_for(asyncio.shield(self._proc.wait()), _STOP_GRACE_S)
             except TimeoutError:
                 pass
-            await process.kill_group_and_reap(self._proc)  # type: ignore[arg-type]
+            await process.kill_group_and_reap(self._proc)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.gather(*self._forwarders), 1.0)
 

@@ -15,16 +15,19 @@ T = TypeVar("T")
 
 try:
     import uvloop
+
+    _HAVE_UVLOOP = True
 except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform
-    uvloop = None
+    _HAVE_UVLOOP = False
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
     """``asyncio.run(main)`` on the fastest loop available."""
-    if uvloop is not None:
-        return uvloop.run(main)
+    if _HAVE_UVLOOP:
+        result: T = uvloop.run(main)
+        return result
     return asyncio.run(main)
 
 
 def name() -> str:
-    return "uvloop" if uvloop is not None else "asyncio"
+    return "uvloop" if _HAVE_UVLOOP else "asyncio"

@@ -581,6 +581,7 @@ class WorkerRuntime:
         def run_and_reply() -> None:
             # The terminal frame leaves from this thread, through the outbox, so that it
             # usually shares one send with the call's last chunks.
+            reply: Message
             try:
                 reply = End(id=message.id, result=run())
             except SystemExit as e:  # sys.exit() in model code fails this request only

@@ -41,7 +41,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from workers import registry, runtime, zygote_protocol
 from workers.zygote_protocol import ZygoteProtocolError
@@ -104,14 +104,14 @@ class Zygote:
     def serve(self) -> NoReturn:
         while True:
             try:
-                ready, _, _ = select.select([self.control, self._wake_r], [], [])
+                ready, _, _ = select.select([self.control.fileno(), self._wake_r], [], [])
             except InterruptedError:
                 continue
             if self._wake_r in ready:
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 4096)
             self._reap()
-            if self.control in ready:
+            if self.control.fileno() in ready:
                 self._handle_control()
 
     def _handle_control(self) -> None:
@@ -133,7 +133,7 @@ class Zygote:
             self.exit(3)
         self._fork(message, fds)
 
-    def _fork(self, message: dict, fds: list[int]) -> None:
+    def _fork(self, message: dict[str, Any], fds: list[int]) -> None:
         stdout_fd, stderr_fd = fds
         runtime.flush_logs()  # buffered lines would otherwise be written twice
         try:
@@ -156,7 +156,8 @@ class Zygote:
         finally:
             os.close(pidfd)
 
-    def _become_worker(self, message: dict, stdout_fd: int, stderr_fd: int) -> NoReturn:
+    def _become_worker(self, message: dict[str, Any], stdout_fd: int,
+                       stderr_fd: int) -> NoReturn:
         """The child's side of a fork: shed the zygote, then run an ordinary worker."""
         code = runtime.EXIT_PROTOCOL
         try:

@@ -63,9 +63,9 @@ def decode(record: bytes, fds: list[int]) -> dict[str, Any]:
         if not isinstance(message, dict):
             raise ZygoteProtocolError(f"record is a {type(message).__name__}, not a map")
         kind = message.get("t")
-        schema = _SCHEMA.get(kind) if isinstance(kind, str) else None
-        if schema is None:
+        if not isinstance(kind, str) or kind not in _SCHEMA:
             raise ZygoteProtocolError(f"unknown message type {kind!r:.40}")
+        schema = _SCHEMA[kind]
         if set(message) != {"t", *schema}:
             raise ZygoteProtocolError(f"{kind}: fields {sorted(message)} do not match")
         for name, expected in schema.items():
