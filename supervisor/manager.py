@@ -580,7 +580,8 @@ class Manager:
         log.info("worker %d for %s %s (kind %s, hello after %.0f ms)", worker.pid, recipe.name,
                  "forked" if worker.started_by == "fork" else "spawned", recipe.kind,
                  worker.hello_seconds * 1000)
-        self.events.publish("spawned", recipe.name, pid=worker.pid)
+        self.events.publish("spawned", recipe.name, pid=worker.pid, how=worker.started_by,
+                            hello_seconds=round(worker.hello_seconds, 4))
         try:
             loaded = await channel.load(
                 name=recipe.name, type=recipe.type, device=recipe.device,

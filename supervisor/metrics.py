@@ -53,6 +53,14 @@ class _SlotCollector(Collector):
         budget = GaugeMetricFamily("lemonade_memory_budget_bytes", "The memory budget (0 = none)")
         budget.add_metric([], manager.memory_budget_bytes or 0)
         yield budget
+        zygotes = GaugeMetricFamily(
+            "lemonade_zygote_memory_bytes",
+            "RSS of each kind's zygote (imported modules its forked workers share)",
+            labels=["kind"],
+        )
+        for row in manager.zygotes.describe() if manager.zygotes is not None else []:
+            zygotes.add_metric([row["kind"]], row["rss_bytes"])
+        yield zygotes
 
 
 class Metrics:
@@ -63,6 +71,10 @@ class Metrics:
         )
         self.evictions = Counter(
             "lemonade_evictions", "Unloads by reason", ["model", "reason"], registry=self.registry
+        )
+        self.starts = Counter(
+            "lemonade_worker_starts", "Worker processes started, by how (fork or spawn)",
+            ["model", "how"], registry=self.registry,
         )
         self.crashes = Counter(
             "lemonade_worker_crashes", "Workers that exited unexpectedly", ["model"],
@@ -86,6 +98,8 @@ class Metrics:
             self.evictions.labels(model, event["reason"]).inc()
         elif kind == "crashed":
             self.crashes.labels(model).inc()
+        elif kind == "spawned":
+            self.starts.labels(model, event.get("how", "spawn")).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

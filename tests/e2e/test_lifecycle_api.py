@@ -359,6 +359,9 @@ def test_metrics_count_loaded_models_and_evictions(start_server):
     text = server.get("/metrics").body.decode()
     assert _sample(text, "lemonade_loaded_models") == 1.0
     assert _sample(text, "lemonade_loads_total", 'model="tone",outcome="success"') == 1.0
+    # The default starts workers by forking from the kind's zygote, which the metrics show.
+    assert _sample(text, "lemonade_worker_starts_total", 'how="fork",model="tone"') == 1.0
+    assert (_sample(text, "lemonade_zygote_memory_bytes", 'kind="synthetic"') or 0) > 1e6
 
     assert server.post("/api/v1/unload", {"model_name": "tone"}).status == 200
     text = server.get("/metrics").body.decode()
