@@ -41,15 +41,14 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from harness import ServerProcess, print_table, summary
+from harness import print_table, summary
 from inprocess_kokoro import (
     MODEL,
     SPEECH,
-    InProcessServer,
+    InProcessKokoro,
+    LemonadeKokoro,
     ensure_weights,
-    recipe,
     stream_speech,
-    wait_gone,
 )
 
 ARMS = ("spawn", "fork", "in-process")
@@ -67,19 +66,13 @@ class Sample:
     device: str  # where the model ran, as the server reports it
 
 
-class LemonadeArm:
+class LemonadeArm(LemonadeKokoro):
     """``lemonade serve`` with one kokoro model; ``zygotes`` is off (spawn) or eager (fork)."""
 
     def __init__(self, name: str, zygotes: str, weights: Path, device: str,
                  workdir: Path) -> None:
         self.name = name
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.server = ServerProcess(recipe(weights, device), workdir, ["--zygotes", zygotes])
-
-    def unload(self) -> None:
-        pid = self.server.model_row(MODEL).get("pid")
-        self.server.request("POST", "/api/v1/unload", {"model_name": MODEL})
-        wait_gone(pid)
+        super().__init__(weights, device, zygotes, workdir)
 
     def cold(self) -> Sample:
         result = stream_speech(self.server.port)
@@ -107,21 +100,9 @@ class LemonadeArm:
         zygote_text = "; ".join(zygotes) or "no zygotes"
         return f"{self.name}: server pid {self.server.pid}; {zygote_text}"
 
-    def stop(self) -> None:
-        self.server.stop()
 
-
-class InProcessArm:
+class InProcessArm(InProcessKokoro):
     """The in-process server: unload is ``del`` + ``gc``; a request reloads in the process."""
-
-    name = "in-process"
-
-    def __init__(self, weights: Path, device: str, workdir: Path) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.server = InProcessServer(weights, device, workdir)
-
-    def unload(self) -> None:
-        self.server.unload()
 
     def cold(self) -> Sample:
         result = stream_speech(self.server.port)
@@ -133,9 +114,6 @@ class InProcessArm:
         status = self.server.status()
         return (f"{self.name}: pid {status['pid']}, {status['loads']} loads, "
                 f"RSS {status['rss_bytes'] / 2**20:.0f} MiB")
-
-    def stop(self) -> None:
-        self.server.stop()
 
 
 Arm = LemonadeArm | InProcessArm

@@ -27,11 +27,15 @@ class ServerProcess:
                  start_timeout_s: float = 60.0) -> None:
         path = workdir / "lemonade.toml"
         path.write_text(config)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "supervisor.cli", "serve", "--config", str(path), "--port",
-             "0", "--log-level", "info", *extra_args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=workdir,
-        )
+        self._start([sys.executable, "-m", "supervisor.cli", "serve", "--config", str(path),
+                     "--port", "0", "--log-level", "info", *extra_args],
+                    workdir, None, start_timeout_s)
+
+    def _start(self, argv: Sequence[str], workdir: Path, env: dict[str, str] | None,
+               start_timeout_s: float) -> None:
+        """Run ``argv``; ready once it logs "listening on http://HOST:PORT"."""
+        self.proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, cwd=workdir, env=env)
         self.pid = self.proc.pid
         self.port = 0
         self.log: list[str] = []
@@ -39,8 +43,9 @@ class ServerProcess:
         threading.Thread(target=self._drain, args=(ready,), daemon=True).start()
         if not ready.wait(start_timeout_s) or not self.port:
             self.proc.kill()
+            self.proc.wait()
             tail = "\n".join(self.log[-20:])
-            raise SystemExit(f"the server did not start:\n{tail}")
+            raise SystemExit(f"{argv[1:3]} did not start:\n{tail}")
 
     def _drain(self, ready: threading.Event) -> None:
         assert self.proc.stdout is not None

@@ -154,30 +154,51 @@ class InProcessServer(ServerProcess):
 
     def __init__(self, weights: Path, device: str, workdir: Path,
                  start_timeout_s: float = 120.0) -> None:
-        # Not ServerProcess.__init__: that one starts ``lemonade serve``. The rest (log drain,
-        # request, stop) is the same, so it is reused.
-        self.proc = subprocess.Popen(
-            [sys.executable, __file__, "serve", "--weights", str(weights), "--device", device,
-             "--port", "0"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=workdir,
-            env={**os.environ, "LEMONADE_DATA_DIR": str(workdir / "data"),
-                 "HF_HUB_OFFLINE": "1"},
-        )
-        self.pid = self.proc.pid
-        self.port = 0
-        self.log: list[str] = []
-        ready = threading.Event()
-        threading.Thread(target=self._drain, args=(ready,), daemon=True).start()
-        if not ready.wait(start_timeout_s) or not self.port:
-            self.stop()
-            tail = "\n".join(self.log[-20:])
-            raise SystemExit(f"the in-process server did not start:\n{tail}")
+        # Not ServerProcess.__init__ (that one starts ``lemonade serve``); its start-up, log
+        # drain, requests and stop are the same.
+        self._start([sys.executable, __file__, "serve", "--weights", str(weights),
+                     "--device", device, "--port", "0"], workdir,
+                    {**os.environ, "LEMONADE_DATA_DIR": str(workdir / "data"),
+                     "HF_HUB_OFFLINE": "1"}, start_timeout_s)
 
     def unload(self) -> dict[str, Any]:
         return self.request("POST", "/unload")
 
     def status(self) -> dict[str, Any]:
         return self.request("GET", "/status")
+
+
+class LemonadeKokoro:
+    """``lemonade serve`` with the one kokoro recipe; an unload ends the worker process."""
+
+    def __init__(self, weights: Path, device: str, zygotes: str, workdir: Path) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.server = ServerProcess(recipe(weights, device), workdir, ["--zygotes", zygotes])
+
+    def unload(self) -> bool:
+        """Unload; True once the worker's pid is gone."""
+        pid = self.server.model_row(MODEL).get("pid")
+        self.server.request("POST", "/api/v1/unload", {"model_name": MODEL})
+        return wait_gone(pid)
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+class InProcessKokoro:
+    """The in-process server: an unload is ``del`` + ``gc`` (+ ``empty_cache``)."""
+
+    name = "in-process"
+
+    def __init__(self, weights: Path, device: str, workdir: Path) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.server = InProcessServer(weights, device, workdir)
+
+    def unload(self) -> None:
+        self.server.unload()
+
+    def stop(self) -> None:
+        self.server.stop()
 
 
 # ====================================================================== server side

@@ -47,14 +47,12 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from harness import ServerProcess, print_table
+from harness import print_table
 from inprocess_kokoro import (
-    MODEL,
-    InProcessServer,
+    InProcessKokoro,
+    LemonadeKokoro,
     ensure_weights,
-    recipe,
     stream_speech,
-    wait_gone,
 )
 
 MIB = 2**20
@@ -154,14 +152,13 @@ def read(root: int, args: argparse.Namespace, nvml: Nvml | None) -> Reading:
 # ====================================================================== arms
 
 
-class ProcessExitArm:
+class ProcessExitArm(LemonadeKokoro):
     """``lemonade serve``: an unload ends the worker process."""
 
     name = "process-exit"
 
     def __init__(self, weights: Path, device: str, zygotes: str, workdir: Path) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.server = ServerProcess(recipe(weights, device), workdir, ["--zygotes", zygotes])
+        super().__init__(weights, device, zygotes, workdir)
         self.root = self.server.pid
         self.worker_gone: list[bool] = []
         if zygotes == "eager":
@@ -181,33 +178,21 @@ class ProcessExitArm:
     def load(self) -> None:
         stream_speech(self.server.port)
 
-    def unload(self) -> None:
-        pid = self.server.model_row(MODEL).get("pid")
-        self.server.request("POST", "/api/v1/unload", {"model_name": MODEL})
-        self.worker_gone.append(wait_gone(pid))
-
-    def stop(self) -> None:
-        self.server.stop()
+    def unload(self) -> bool:
+        gone = super().unload()
+        self.worker_gone.append(gone)
+        return gone
 
 
-class InProcessArm:
+class InProcessArm(InProcessKokoro):
     """The in-process server: an unload is ``del`` + ``gc`` (+ ``empty_cache``)."""
 
-    name = "in-process"
-
     def __init__(self, weights: Path, device: str, workdir: Path) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.server = InProcessServer(weights, device, workdir)
+        super().__init__(weights, device, workdir)
         self.root = self.server.pid
 
     def load(self) -> None:
         stream_speech(self.server.port)
-
-    def unload(self) -> None:
-        self.server.unload()
-
-    def stop(self) -> None:
-        self.server.stop()
 
 
 Arm = ProcessExitArm | InProcessArm
