@@ -29,26 +29,22 @@ Run: ``.venv/bin/python bench/cold_start.py [--rounds 5] [--device auto]
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import re
 import statistics
-import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
-from harness import print_table, summary
+from harness import print_table, stream_speech, summary, work_folder
 from inprocess_kokoro import (
     MODEL,
     SPEECH,
     InProcessKokoro,
     LemonadeKokoro,
     ensure_weights,
-    stream_speech,
 )
 
 ARMS = ("spawn", "fork", "in-process")
@@ -75,7 +71,7 @@ class LemonadeArm(LemonadeKokoro):
         super().__init__(weights, device, zygotes, workdir)
 
     def cold(self) -> Sample:
-        result = stream_speech(self.server.port)
+        result = stream_speech(self.server.port, SPEECH)
         row = self.server.model_row(MODEL)
         info = row.get("info") or {}
         hello = info.get("hello_seconds")
@@ -105,7 +101,7 @@ class InProcessArm(InProcessKokoro):
     """The in-process server: unload is ``del`` + ``gc``; a request reloads in the process."""
 
     def cold(self) -> Sample:
-        result = stream_speech(self.server.port)
+        result = stream_speech(self.server.port, SPEECH)
         load_s = float(result["headers"].get("X-Load-Seconds", "nan"))
         return Sample(result["first_byte_s"], load_s, None, "in-process",
                       result["headers"].get("X-Device", "?"))
@@ -117,18 +113,6 @@ class InProcessArm(InProcessKokoro):
 
 
 Arm = LemonadeArm | InProcessArm
-
-
-@contextlib.contextmanager
-def work_folder(path: str | None) -> Iterator[Path]:
-    """``--workdir`` (kept, so the weights are written once) or a temporary folder."""
-    if path:
-        folder = Path(path).resolve()
-        folder.mkdir(parents=True, exist_ok=True)
-        yield folder
-        return
-    with tempfile.TemporaryDirectory(prefix="lemonade-cold-start-") as tmp:
-        yield Path(tmp)
 
 
 def start_arm(name: str, weights: Path, device: str, workdir: Path) -> Arm:
@@ -238,7 +222,7 @@ def parse_args() -> Any:
 
 def main() -> None:
     args = parse_args()
-    with work_folder(args.workdir) as workdir:
+    with work_folder(args.workdir, "lemonade-cold-start-") as workdir:
         weights = ensure_weights(workdir / "weights")
         size_mib = weights.stat().st_size / 2**20
         arms: list[Arm] = []

@@ -7,6 +7,7 @@ full pipe) and the table printing in one place so each script is only its measur
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import math
@@ -14,8 +15,10 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +87,41 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+def stream_speech(port: int, body: dict[str, Any],
+                  path: str = "/v1/audio/speech") -> dict[str, Any]:
+    """Send one streamed speech request; return first-byte and last-byte seconds, the audio
+    byte count and the response headers. Exits the benchmark unless the answer is 200."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    try:
+        started = time.perf_counter()
+        conn.request("POST", path, body=json.dumps(body),
+                     headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        if response.status != 200:
+            raise SystemExit(f"speech: {response.status} {response.read()[:300]!r}")
+        first = response.read1(65536)
+        first_byte_s = time.perf_counter() - started
+        nbytes = len(first)
+        while chunk := response.read1(65536):
+            nbytes += len(chunk)
+        return {"first_byte_s": first_byte_s, "total_s": time.perf_counter() - started,
+                "bytes": nbytes, "headers": dict(response.getheaders())}
+    finally:
+        conn.close()
+
+
+@contextlib.contextmanager
+def work_folder(path: str | None, prefix: str) -> Iterator[Path]:
+    """``--workdir`` (kept, so files such as weights are written once) or a temporary one."""
+    if path:
+        folder = Path(path).resolve()
+        folder.mkdir(parents=True, exist_ok=True)
+        yield folder
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield Path(tmp)
 
 
 def p99(values: Sequence[float]) -> float:

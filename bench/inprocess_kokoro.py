@@ -8,9 +8,9 @@ Lemonade spawns or forks; ``bench/memory_returned.py`` measures what each way le
 
 This module is also what both benchmarks share: the weights file every arm reads
 (:func:`ensure_weights`, random Kokoro-82M weights saved once), the request every arm is sent
-(:data:`SPEECH`), the recipe for ``lemonade serve`` (:func:`recipe`), a streamed request
-that times the first audio byte (:func:`stream_speech`) and a wait for a worker's exit
-(:func:`wait_gone`).
+(:data:`SPEECH`, timed with ``harness.stream_speech``), the recipe for ``lemonade serve``
+(:func:`recipe`), a wait for a worker's exit (:func:`wait_gone`), and the two arms
+(:class:`LemonadeKokoro`, :class:`InProcessKokoro`).
 
 The server holds ``workers.kokoro_tts.KokoroModel`` itself, so both architectures run the
 same load and synthesis code; only where the model lives differs. Routes:
@@ -28,8 +28,6 @@ serve --weights DIR/kokoro-random.pth [--device auto] [--port 0]`` serves it.
 from __future__ import annotations
 
 import argparse
-import http.client
-import json
 import os
 import subprocess
 import sys
@@ -109,29 +107,6 @@ def _write_weights(folder: Path, seed: int) -> None:
 
 
 # ====================================================================== client side
-
-
-def stream_speech(port: int, path: str = "/v1/audio/speech",
-                  body: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Send one streamed speech request; return first-byte and last-byte seconds, the audio
-    byte count and the response headers. Exits the benchmark unless the answer is 200."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    try:
-        started = time.perf_counter()
-        conn.request("POST", path, body=json.dumps(body or SPEECH),
-                     headers={"Content-Type": "application/json"})
-        response = conn.getresponse()
-        if response.status != 200:
-            raise SystemExit(f"speech: {response.status} {response.read()[:300]!r}")
-        first = response.read1(65536)
-        first_byte_s = time.perf_counter() - started
-        nbytes = len(first)
-        while chunk := response.read1(65536):
-            nbytes += len(chunk)
-        return {"first_byte_s": first_byte_s, "total_s": time.perf_counter() - started,
-                "bytes": nbytes, "headers": dict(response.getheaders())}
-    finally:
-        conn.close()
 
 
 def wait_gone(pid: int | None, timeout_s: float = 60.0) -> bool:

@@ -12,8 +12,6 @@ Run: ``.venv/bin/python bench/kokoro_speech.py [--rounds 3] [--device auto] [--w
 from __future__ import annotations
 
 import argparse
-import http.client
-import json
 import statistics
 import tempfile
 import time
@@ -21,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from harness import ServerProcess
+from harness import ServerProcess, stream_speech
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Lemonade keeps each model in its own "
         "process, and unloading a model ends that process. Every byte of its memory goes "
@@ -40,21 +38,9 @@ weights = "{weights}"
 class Server(ServerProcess):
     def speak(self) -> tuple[float, float, int]:
         """(seconds to the first audio byte, seconds to the last, audio bytes) for TEXT."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
-        started = time.perf_counter()
-        conn.request("POST", "/v1/audio/speech", headers={"Content-Type": "application/json"},
-                     body=json.dumps({"model": "kokoro", "input": TEXT, "stream": True,
-                                      "response_format": "pcm"}))
-        response = conn.getresponse()
-        if response.status != 200:
-            raise SystemExit(f"speech: {response.status} {response.read()[:300]!r}")
-        first = response.read1(65536)
-        ttfb = time.perf_counter() - started
-        total = len(first)
-        while chunk := response.read1(65536):
-            total += len(chunk)
-        conn.close()
-        return ttfb, time.perf_counter() - started, total
+        result = stream_speech(self.port, {"model": "kokoro", "input": TEXT, "stream": True,
+                                           "response_format": "pcm"})
+        return result["first_byte_s"], result["total_s"], result["bytes"]
 
     def row(self) -> dict[str, Any]:
         return self.model_row("kokoro")

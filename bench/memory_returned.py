@@ -39,20 +39,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
-from harness import print_table
+from harness import print_table, stream_speech, work_folder
 from inprocess_kokoro import (
+    SPEECH,
     InProcessKokoro,
     LemonadeKokoro,
     ensure_weights,
-    stream_speech,
 )
 
 MIB = 2**20
@@ -176,7 +174,7 @@ class ProcessExitArm(LemonadeKokoro):
         print("NOTE: no kokoro zygote came up; readings are without one")
 
     def load(self) -> None:
-        stream_speech(self.server.port)
+        stream_speech(self.server.port, SPEECH)
 
     def unload(self) -> bool:
         gone = super().unload()
@@ -192,7 +190,7 @@ class InProcessArm(InProcessKokoro):
         self.root = self.server.pid
 
     def load(self) -> None:
-        stream_speech(self.server.port)
+        stream_speech(self.server.port, SPEECH)
 
 
 Arm = ProcessExitArm | InProcessArm
@@ -265,18 +263,6 @@ def _median(values: list[float | None]) -> float | None:
 # ====================================================================== main
 
 
-@contextlib.contextmanager
-def work_folder(path: str | None) -> Iterator[Path]:
-    """``--workdir`` (kept, so the weights are written once) or a temporary folder."""
-    if path:
-        folder = Path(path).resolve()
-        folder.mkdir(parents=True, exist_ok=True)
-        yield folder
-        return
-    with tempfile.TemporaryDirectory(prefix="lemonade-memory-") as tmp:
-        yield Path(tmp)
-
-
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -303,7 +289,7 @@ def main() -> None:
     nvml, why_not = Nvml.open(args.device)
     results: dict[str, list[dict[str, Reading]]] = {}
     exit_arm: Arm | None = None
-    with work_folder(args.workdir) as workdir:
+    with work_folder(args.workdir, "lemonade-memory-") as workdir:
         weights = ensure_weights(workdir / "weights")
         arms: list[Arm] = []
         try:

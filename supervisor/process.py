@@ -25,6 +25,7 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -229,16 +230,19 @@ class WorkerProcess:
 
     def rss_bytes(self) -> int:
         """Resident memory of the worker and any children it started (psutil)."""
+        return self._tree_bytes(lambda p: int(p.memory_info().rss)) or 0
+
+    def _tree_bytes(self, measure: Callable[[psutil.Process], int]) -> int | None:
+        """``measure`` summed over the worker and its children; None if it cannot be read."""
         if self._ps is None or not self.alive:
             return 0
-        total = 0
         try:
-            total = int(self._ps.memory_info().rss)
+            total = measure(self._ps)
             for child in self._ps.children(recursive=True):
                 with contextlib.suppress(psutil.Error):
-                    total += int(child.memory_info().rss)
+                    total += measure(child)
         except psutil.Error:
-            return 0
+            return None
         return total
 
     def freed_on_exit_bytes(self) -> int:
@@ -251,16 +255,8 @@ class WorkerProcess:
         """
         if self.started_by != "fork":
             return self.rss_bytes()
-        if self._ps is None or not self.alive:
-            return 0
-        try:
-            total = int(self._ps.memory_full_info().uss)
-            for child in self._ps.children(recursive=True):
-                with contextlib.suppress(psutil.Error):
-                    total += int(child.memory_full_info().uss)
-        except psutil.Error:
-            return self.rss_bytes()
-        return total
+        uss = self._tree_bytes(lambda p: int(p.memory_full_info().uss))
+        return self.rss_bytes() if uss is None else uss
 
     # ----------------------------------------------------------------- stop
 
