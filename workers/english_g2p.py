@@ -14,6 +14,11 @@ Two offline traps are handled here rather than in each speech kind:
   answer to the name misaki uses, inside this worker process only.
 - Kokoro accepts at most 510 phonemes per forward pass, so text is cut at sentence ends first
   and, for long sentences, at word boundaries.
+
+Building the misaki front end costs seconds (spaCy's pipeline and its entry points, misaki's
+lexicons) and depends on no model weights, so :func:`shared_phonemizer` builds one per
+setting once per process: in a kind's zygote, so that every worker forked from it starts with
+it built (copy-on-write), and in any process that reloads a speech model.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import importlib
 import logging
 import re
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -71,6 +77,8 @@ class EnglishPhonemizer:
             raise ValueError(f"g2p must be auto, misaki or espeak; got {backend!r}")
         self._misaki: Any = None
         self._espeak: Any = None
+        # misaki and spaCy keep per-call state: one sentence at a time per phonemizer.
+        self._lock = threading.Lock()
         if backend in ("auto", "misaki") and self._try_misaki(british):
             self.backend = "misaki+spacy"
             return
@@ -107,9 +115,27 @@ class EnglishPhonemizer:
     def chunks(self, text: str) -> Iterator[Chunk]:
         for sentence in split_sentences(text):
             g2p = self._misaki if self._misaki is not None else self._espeak
-            phonemes, _ = g2p(sentence)
+            with self._lock:
+                phonemes, _ = g2p(sentence)
             yield from _cut(sentence, (phonemes or "").strip())
 
+
+_shared: dict[tuple[bool, str], EnglishPhonemizer] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_phonemizer(*, british: bool = False, backend: str = "auto") -> EnglishPhonemizer:
+    """This process's phonemizer for one setting, built on first use and kept.
+
+    It holds no model weights, only the front end's tables, so keeping it costs a forked
+    worker nothing (its zygote's pages) and saves every later load its set-up time.
+    """
+    key = (british, backend)
+    with _shared_lock:
+        found = _shared.get(key)
+        if found is None:
+            found = _shared[key] = EnglishPhonemizer(british=british, backend=backend)
+        return found
 
 
 def _cut(sentence: str, phonemes: str) -> Iterator[Chunk]:

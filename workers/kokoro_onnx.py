@@ -22,7 +22,6 @@ Recipe options (all optional)::
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -41,6 +40,7 @@ from workers.base import (
     data_dir,
 )
 from workers.kokoro_onnx_assets import assembled_model, load_voices, vocab
+from workers.ort_cache import cached_session
 from workers.ort_setup import import_onnxruntime
 from workers.protocol import WARMUP_OP, ErrorCode
 from workers.speech import deliver, parse_speech_args
@@ -78,15 +78,18 @@ class KokoroOnnxModel(Model):
     def prepare_zygote(cls) -> None:
         import_onnxruntime(cls.kind)  # with its cache dir set, as a load would
         super().prepare_zygote()
+        # The default front end (seconds of spaCy and lexicon set-up, no weights), built once
+        # here so that every forked worker starts with it.
+        from workers.english_g2p import shared_phonemizer
+
+        shared_phonemizer()
 
     def __init__(self) -> None:
         self._session: Any = None
         self._vocab: dict[str, int] = {}
         self._voices: dict[str, np.ndarray[Any, Any]] = {}
         self._default_voice = DEFAULT_VOICE
-        self._g2p: Any = None
-        # misaki/spaCy keep per-call state; the ONNX session itself is thread-safe.
-        self._g2p_lock = threading.Lock()
+        self._g2p: Any = None  # serialises its own calls; the ONNX session is thread-safe
 
     # ------------------------------------------------------------------ load
 
@@ -130,15 +133,18 @@ class KokoroOnnxModel(Model):
         ort = import_onnxruntime(self.kind)
         providers, device = _providers(ort, request.device)
 
-        session_options = ort.SessionOptions()
-        session_options.intra_op_num_threads = threads
-        session_options.inter_op_num_threads = 1
-        # Idle ORT threads spin by default; on a shared CPU that steals time from the other
-        # workers (and from this one's own G2P) for no gain at Kokoro's chunk sizes.
-        session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        def session_options() -> Any:
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+            # Idle ORT threads spin by default; on a shared CPU that steals time from the
+            # other workers (and from this one's own G2P) for no gain at Kokoro's chunk sizes.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            return options
+
         try:
-            self._session = ort.InferenceSession(str(model_path), sess_options=session_options,
-                                                 providers=providers)
+            self._session, graph = cached_session(ort, model_path, data_dir(self.kind),
+                                                  session_options, providers)
         except Exception as e:  # onnxruntime raises its own untyped Fail/InvalidGraph errors
             raise _bad(f"kokoro-onnx option 'model': {model_path} is not a loadable ONNX "
                        f"model: {e}"[:600]) from None
@@ -147,10 +153,10 @@ class KokoroOnnxModel(Model):
             raise _bad(f"kokoro-onnx option 'model': {model_path} takes inputs {sorted(names)}, "
                        "not Kokoro's tokens/style/speed")
         ctx.progress(0.6, "loading the English G2P")
-        from workers.english_g2p import EnglishPhonemizer
+        from workers.english_g2p import shared_phonemizer
 
         try:
-            self._g2p = EnglishPhonemizer(british=british, backend=str(g2p))
+            self._g2p = shared_phonemizer(british=british, backend=str(g2p))
         except RuntimeError as e:
             raise _bad(f"kokoro-onnx option 'g2p': {e}") from None
         used = self._session.get_providers()
@@ -166,6 +172,7 @@ class KokoroOnnxModel(Model):
                 "default_voice": self._default_voice,
                 "threads": threads,
                 "providers": list(used),
+                "optimized_graph": graph,
                 "sample_rate": SAMPLE_RATE,
                 "load_seconds": round(time.monotonic() - started, 3),
             },
@@ -198,8 +205,7 @@ class KokoroOnnxModel(Model):
     def _synthesize(self, text: str, style: np.ndarray[Any, Any], speed: float,
                     ctx: CallContext) -> Iterator[np.ndarray[Any, Any]]:
         """Float32 samples per chunk; checks for cancellation before each chunk."""
-        with self._g2p_lock:
-            chunks = list(self._g2p.chunks(text))
+        chunks = list(self._g2p.chunks(text))
         for chunk in chunks:
             ctx.check_cancelled()
             tokens = [self._vocab[p] for p in chunk.phonemes if p in self._vocab][:MAX_TOKENS]

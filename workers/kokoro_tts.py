@@ -46,7 +46,7 @@ from workers.base import (
     check_options,
     data_dir,
 )
-from workers.english_g2p import EnglishPhonemizer
+from workers.english_g2p import EnglishPhonemizer, shared_phonemizer
 from workers.gpu_memory import torch_vram_bytes
 from workers.protocol import WARMUP_OP, ErrorCode
 from workers.speech import SpeechRequest, deliver, parse_speech_args
@@ -78,6 +78,11 @@ class KokoroModel(Model):
     kind: ClassVar[str] = "kokoro"
     zygote_imports: ClassVar[tuple[str, ...]] = (
         "torch", "kokoro", "misaki.en", "misaki.espeak", "spacy", "soundfile")
+
+    @classmethod
+    def prepare_zygote(cls) -> None:
+        super().prepare_zygote()
+        shared_phonemizer()  # the default front end, built once for every forked worker
 
     def __init__(self) -> None:
         self._model: Any = None
@@ -133,7 +138,7 @@ class KokoroModel(Model):
 
         ctx.progress(0.7, "loading the English G2P")
         try:
-            self._phonemizer = EnglishPhonemizer(british=lang == "b", backend=g2p)
+            self._phonemizer = shared_phonemizer(british=lang == "b", backend=g2p)
         except RuntimeError as e:
             raise _bad_config(f"option g2p: {e}") from e
 
