@@ -46,7 +46,7 @@ from typing import Any, NoReturn, TypeVar
 
 import psutil
 
-from workers import event_loop, registry
+from workers import event_loop, import_manifest, registry
 from workers.base import (
     CallContext,
     Cancelled,
@@ -63,6 +63,7 @@ from workers.protocol import (
     MAX_SUPERVISOR_FRAME_BYTES,
     MAX_WORKER_FRAME_BYTES,
     PROTOCOL_VERSION,
+    WARMUP_OP,
     Call,
     Cancel,
     Chunk,
@@ -373,8 +374,12 @@ class WorkerRuntime:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         max_threads: int,
+        modules_at_fork: frozenset[str] | None = None,
     ) -> None:
         self.kind = kind
+        #: What the zygote had imported (forked workers only): what a load imports beyond it
+        #: is recorded for the zygote to import too (:mod:`workers.import_manifest`).
+        self._modules_at_fork = modules_at_fork
         self._model_class = model_class
         self._kind_error = kind_error
         self._reader = reader
@@ -509,7 +514,9 @@ class WorkerRuntime:
 
         def run() -> tuple[Model, LoadResult]:
             model = model_class()
-            return model, model.load(request, LoadContext(report))
+            result = model.load(request, LoadContext(report))
+            self._learn_imports()
+            return model, result
 
         try:
             model, result = await self._in_thread(run)
@@ -540,6 +547,12 @@ class WorkerRuntime:
             return
         log.info("model %s loaded on %s", message.name, loaded.device)
         await self._write(frame)
+
+    def _learn_imports(self) -> None:
+        if self._modules_at_fork is not None:
+            added = import_manifest.learn(self.kind, self._modules_at_fork)
+            if added:
+                log.info("recorded %d modules this load imported for the zygote to import", added)
 
     # ------------------------------------------------------------- calls
 
@@ -573,7 +586,10 @@ class WorkerRuntime:
             try:
                 if state.cancelled.is_set():  # cancelled while queued for a thread
                     raise Cancelled()
-                return model.call(message.op, message.args, CallContext(emit, state.cancelled))
+                result = model.call(message.op, message.args, CallContext(emit, state.cancelled))
+                if message.op == WARMUP_OP:
+                    self._learn_imports()  # before the reply: the supervisor acts on it
+                return result
             finally:
                 with state.emitting:
                     state.finished = True
@@ -621,7 +637,8 @@ class WorkerRuntime:
 # --------------------------------------------------------------------------- entry point
 
 
-async def _serve(socket_path: str, kind: str, max_threads: int) -> NoReturn:
+async def _serve(socket_path: str, kind: str, max_threads: int,
+                 modules_at_fork: frozenset[str] | None) -> NoReturn:
     model_class: type[Model] | None = None
     kind_error: str | None = None
     try:
@@ -638,7 +655,8 @@ async def _serve(socket_path: str, kind: str, max_threads: int) -> NoReturn:
     except OSError as e:
         log.error("cannot connect to supervisor at %s: %s", socket_path, e)
         _exit_now(EXIT_ORPHANED)
-    runtime = WorkerRuntime(kind, model_class, kind_error, reader, writer, max_threads)
+    runtime = WorkerRuntime(kind, model_class, kind_error, reader, writer, max_threads,
+                            modules_at_fork)
     await runtime.serve()
 
 
@@ -647,18 +665,22 @@ def main(
     kind: str,
     parent_pid: int,
     max_threads: int = DEFAULT_MAX_THREADS,
+    forked: bool = False,
 ) -> int:
     """Run the worker; normally ends the process itself (see the module docstring).
 
-    Returns an exit status only when the worker cannot start: its parent is already gone.
+    ``forked``: this process was forked from its kind's zygote, so it records the modules
+    its load imports beyond the zygote's. Returns an exit status only when the worker cannot
+    start: its parent is already gone.
     """
+    modules_at_fork = frozenset(sys.modules) if forked else None
     set_parent_death_signal()
     if os.getppid() != parent_pid:
         # The parent died before PR_SET_PDEATHSIG was armed: nobody is waiting for us.
         log.error("parent %d is gone (ppid is %d); exiting", parent_pid, os.getppid())
         return EXIT_ORPHANED
     harden_process()
-    event_loop.run(_serve(socket_path, kind, max_threads))
+    event_loop.run(_serve(socket_path, kind, max_threads, modules_at_fork))
     return EXIT_OK  # pragma: no cover - _serve never returns
 
 

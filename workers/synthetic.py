@@ -23,6 +23,10 @@ Recipe options (all optional)::
     fault_delay_ms      the delay of ``late_reply`` and ``hang_after_load`` (1000 / 200)
     flood_chunks        chunks ``flood`` sends, 1..1000000 (10000)
     flood_chunk_bytes   bytes in each of them, 1..1048576 (2)
+    lazy_import   a module of :mod:`workers.synthetic_imports` ("plain" or "starts_thread")
+                  that the load imports, as real libraries import their code lazily during a
+                  load; the load info says whether it was imported already
+                  (``lazy_import_preloaded``: true in a worker forked from a zygote that learned it)
 
 Faults (the ``fault`` option). They are real: signals are really delivered, memory really
 runs out, bytes really go over the socket. Nothing in the supervisor knows about them.
@@ -56,6 +60,7 @@ from __future__ import annotations
 
 import array
 import ctypes
+import importlib
 import math
 import os
 import resource
@@ -69,6 +74,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from workers import synthetic_imports
 from workers.base import (
     CallContext,
     LoadContext,
@@ -110,6 +116,7 @@ _OPTIONS = (
     "fault_delay_ms",
     "flood_chunks",
     "flood_chunk_bytes",
+    "lazy_import",
 )
 
 LOAD_FAULTS = (
@@ -184,6 +191,7 @@ class SyntheticConfig:
     fault_delay_ms: float | None = None
     flood_chunks: int = 10_000
     flood_chunk_bytes: int = 2
+    lazy_import: str | None = None
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any], default_type: str) -> SyntheticConfig:
@@ -217,7 +225,12 @@ class SyntheticConfig:
                        f"got {fault!r:.60}")
         delay = (_number_option(options, "fault_delay_ms", 0.0)
                  if "fault_delay_ms" in options else None)
+        lazy_import = options.get("lazy_import")
+        if lazy_import is not None and lazy_import not in synthetic_imports.NAMES:
+            raise _bad(f"synthetic option 'lazy_import' must be one of "
+                       f"{', '.join(synthetic_imports.NAMES)}; got {lazy_import!r:.60}")
         return cls(
+            lazy_import=lazy_import,
             progress=progress,
             fault=fault,
             fault_after_chunks=_int_option(options, "fault_after_chunks", 1, 0, MAX_CHUNKS),
@@ -305,8 +318,12 @@ class SyntheticModel(Model):
                 ctx.progress(min(1.0, elapsed / config.load_seconds), "loading synthetic model")
             time.sleep(min(_PROGRESS_EVERY_S, config.load_seconds - elapsed))
         info: dict[str, Any] = {}
+        if config.lazy_import is not None:
+            module = f"{synthetic_imports.__name__}.{config.lazy_import}"
+            info["lazy_import_preloaded"] = module in sys.modules
+            importlib.import_module(module)
         if config.fault in LOAD_FAULTS:
-            info = self._load_fault(config)
+            info.update(self._load_fault(config))
         if config.memory_mb > 0:
             ctx.progress(None, f"allocating {config.memory_mb:g} MiB")
             # Repeating one byte fills every page, so the RSS grows now (a zeroed buffer

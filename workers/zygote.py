@@ -13,7 +13,10 @@ What keeps forking safe:
 * the zygote never loads weights, never touches CUDA and never runs a parallel op, so no
   thread pool or driver state is copied into a child half-initialised. It checks this after
   its imports (no second Python thread, CUDA not initialised) and reports ``unsafe`` instead
-  of forking when the check fails; the supervisor then spawns that kind's workers plainly;
+  of forking when the check fails; the supervisor then spawns that kind's workers plainly.
+  The same check runs again after it imports the modules its workers' loads were seen to
+  import (:mod:`workers.import_manifest`), at start and on each ``learn``; a manifest that
+  fails it is set aside, so the kind's next zygote starts without it;
 * it is single-threaded and runs no event loop: a blocking ``select`` over the control
   socket and a self-pipe for ``SIGCHLD``;
 * a child starts its own session (own process group, so the supervisor can kill the group),
@@ -43,7 +46,7 @@ import time
 import traceback
 from typing import Any, NoReturn
 
-from workers import registry, runtime, zygote_protocol
+from workers import import_manifest, registry, runtime, zygote_protocol
 from workers.zygote_protocol import ZygoteProtocolError
 
 log = logging.getLogger("workers.zygote")
@@ -63,6 +66,17 @@ def fork_hazard(python_threads: int, cuda_initialized: bool) -> str | None:
     if python_threads > 1:
         return f"{python_threads - 1} Python thread(s) were started while importing"
     return None
+
+
+def learned_imports_hazard(kind: str) -> str | None:
+    """After importing a kind's learned modules: why forking is now unsafe, or None. An
+    unsafe manifest is set aside so that the kind's next zygote does not import it."""
+    hazard = fork_hazard(threading.active_count(), _cuda_initialized())
+    if hazard is None:
+        return None
+    where = import_manifest.set_aside(kind, hazard)
+    return (f"{hazard} by the modules learned from earlier loads; that list was set aside "
+            f"({where}), so the next zygote of this kind starts without it")
 
 
 def _cuda_initialized() -> bool:
@@ -88,6 +102,7 @@ class Zygote:
         self.control = control
         self.parent_pid = parent_pid
         self.pid = os.getpid()  # a forked child's parent, which it checks it still has
+        self.unsafe: str | None = None  # set when learned imports made forking unsafe
         self.children: set[int] = set()
         # SIGCHLD wakes the select through this pipe (the handler itself does nothing).
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -128,10 +143,33 @@ class Zygote:
         except ZygoteProtocolError as e:
             log.error("bad control message: %s; exiting", e)
             self.exit(3)
+        if message["t"] == "learn":
+            self._learn()
+            return
         if message["t"] != "fork":
             log.error("unexpected control message %r; exiting", message["t"])
             self.exit(3)
+        if self.unsafe is not None:
+            for fd in fds:
+                os.close(fd)
+            self.send(zygote_protocol.encode("fork_failed", id=message["id"],
+                                             error=f"forking is unsafe: {self.unsafe}"))
+            return
         self._fork(message, fds)
+
+    def _learn(self) -> None:
+        """Import what the kind's workers learned since the last time, then check again."""
+        if self.unsafe is not None:
+            self.send(zygote_protocol.encode("learned", modules=0, failed=0, seconds=0.0,
+                                             unsafe=self.unsafe))
+            return
+        done = import_manifest.import_learned(self.kind)
+        hazard = learned_imports_hazard(self.kind) if done.modules else None
+        if hazard is not None:
+            self.unsafe = hazard
+            log.warning("zygote for kind %r will not fork any more: %s", self.kind, hazard)
+        self.send(zygote_protocol.encode("learned", modules=done.modules, failed=done.failed,
+                                         seconds=done.seconds, unsafe=hazard))
 
     def _fork(self, message: dict[str, Any], fds: list[int]) -> None:
         stdout_fd, stderr_fd = fds
@@ -176,7 +214,7 @@ class Zygote:
             os.close(stderr_fd)
             code = runtime.main(socket_path=message["socket"], kind=self.kind,
                                 parent_pid=self.pid,
-                                max_threads=message["max_threads"])
+                                max_threads=message["max_threads"], forked=True)
         except BaseException:
             traceback.print_exc()
         runtime.flush_logs()
@@ -230,12 +268,18 @@ def main(argv: list[str] | None = None) -> int:
         log.error("zygote for kind %r cannot import its modules: %s: %s",
                   args.kind, type(e).__name__, e)
         return EXIT_IMPORT_FAILED
-    import_s = time.perf_counter() - started
     hazard = fork_hazard(threading.active_count(), _cuda_initialized())
+    learned = 0
+    if hazard is None:
+        done = import_manifest.import_learned(args.kind)
+        learned = done.modules
+        if learned:
+            hazard = learned_imports_hazard(args.kind)
+    import_s = time.perf_counter() - started
     zygote = Zygote(args.kind, control, args.parent_pid)
     zygote.send(zygote_protocol.encode(
         "ready", pid=os.getpid(), kind=args.kind, import_s=import_s,
-        threads=_native_threads(), unsafe=hazard))
+        threads=_native_threads(), learned=learned, unsafe=hazard))
     if hazard is not None:
         log.warning("zygote for kind %r will not fork: %s", args.kind, hazard)
         # Stay until the supervisor closes the socket, so it can tell "unsafe" from "died".

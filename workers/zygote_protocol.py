@@ -13,11 +13,16 @@ map, and a record can carry file descriptors (``SCM_RIGHTS``). File descriptors 
 
 Messages, as ``{"t": type, ...}``::
 
-    ready        zygote -> sup   pid, kind, import_s, threads, unsafe (a reason, or None)
+    ready        zygote -> sup   pid, kind, import_s, threads, learned, unsafe (a reason, or None)
     fork         sup -> zygote   id, socket, max_threads            + fds [stdout, stderr]
     forked       zygote -> sup   id, pid                            + fds [pidfd]
     fork_failed  zygote -> sup   id, error
     exited       zygote -> sup   pid, code (like Popen.returncode: -N for signal N)
+    learn        sup -> zygote   (a worker finished loading: import what its load learned)
+    learned      zygote -> sup   modules, failed, seconds, unsafe (a reason, or None)
+
+``learned`` in ``ready`` and ``modules`` in ``learned`` count the modules imported from the
+kind's import manifest (:mod:`workers.import_manifest`).
 
 Both ends trust each other less than fully: every field is type-checked on receipt and a
 record that does not fit the schema raises :class:`ZygoteProtocolError`.
@@ -36,12 +41,14 @@ MAX_RECORD_BYTES = 64 * 1024
 MAX_FDS = 2
 
 _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "ready": {"pid": int, "kind": str, "import_s": float, "threads": int,
+    "ready": {"pid": int, "kind": str, "import_s": float, "threads": int, "learned": int,
               "unsafe": (str, type(None))},
     "fork": {"id": int, "socket": str, "max_threads": int},
     "forked": {"id": int, "pid": int},
     "fork_failed": {"id": int, "error": str},
     "exited": {"pid": int, "code": int},
+    "learn": {},
+    "learned": {"modules": int, "failed": int, "seconds": float, "unsafe": (str, type(None))},
 }
 _FDS_EXPECTED = {"fork": 2, "forked": 1}
 

@@ -77,7 +77,8 @@ def test_a_forked_reply_without_its_pidfd_is_refused() -> None:
 
 
 def test_whole_seconds_are_accepted_where_a_float_is_expected() -> None:
-    message = decode(encode("ready", pid=1, kind="k", import_s=2, threads=1, unsafe=None), [])
+    message = decode(encode("ready", pid=1, kind="k", import_s=2, threads=1, learned=0,
+                            unsafe=None), [])
     assert message["import_s"] == 2.0 and isinstance(message["import_s"], float)
 
 

@@ -1,0 +1,162 @@
+"""The modules a kind's loads import lazily, learned from its workers and imported by its zygote.
+
+A zygote imports its kind's top-level modules (``Model.zygote_imports``), but libraries defer
+most of their work to first use: ``transformers`` imports a model's modelling code, its
+tokenizer classes and ``torch.distributed`` inside ``from_pretrained``, spaCy imports its
+registered plugins inside ``spacy.load``. Measured here, that is 4-6 s of every forked
+worker's first load, against ~0.2 s for the same load repeated in a warm process. Which
+modules a load pulls in depends on the model (a BERT encoder imports other code than a Llama
+decoder), so instead of a hand-kept list per model, every forked worker records what its load
+and warmup imported, and its zygote imports the same:
+
+* :func:`learn` runs in a forked worker after its load and after its warmup: the modules now
+  in ``sys.modules`` that were not there when it was forked are added to the kind's manifest,
+  ``data_dir(kind)/zygote-imports.json`` (written to a temporary file and renamed, so a reader
+  sees the old list or the new one, never half of one);
+* :func:`import_learned` runs in the zygote at start and again whenever the supervisor says a
+  worker finished loading (``learn`` on the control socket); modules already imported cost
+  nothing, and one that no longer imports (a library was upgraded) is skipped.
+
+A manifest that is not valid JSON of the expected shape, or that was written by another
+Python version, is ignored and rewritten by the next worker. A module whose import makes
+forking unsafe (it starts a thread or initialises CUDA) is caught by the zygote's own checks;
+the manifest is then set aside (renamed ``zygote-imports.rejected.json``, with the reason) and
+no longer learned, and the kind's next zygote starts without it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from workers.base import data_dir
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "zygote-imports.json"
+REJECTED = "zygote-imports.rejected.json"
+FORMAT = 1
+#: A sanity bound: a manifest longer than this is not one a worker wrote.
+MAX_MODULES = 50_000
+
+
+def _python() -> str:
+    return f"{sys.version_info[0]}.{sys.version_info[1]}"
+
+
+def manifest_path(kind: str) -> Path:
+    return data_dir(kind) / MANIFEST
+
+
+def rejected_path(kind: str) -> Path:
+    return data_dir(kind) / REJECTED
+
+
+def read(kind: str) -> list[str]:
+    """The learned module names, or ``[]`` when there is no usable manifest."""
+    path = manifest_path(kind)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as e:
+        log.warning("ignoring %s (%s); the next load rewrites it", path, e)
+        return []
+    modules = data.get("modules") if isinstance(data, dict) else None
+    if (not isinstance(data, dict) or data.get("format") != FORMAT
+            or data.get("python") != _python() or not isinstance(modules, list)
+            or len(modules) > MAX_MODULES
+            or not all(isinstance(m, str) and m for m in modules)):
+        log.warning("ignoring %s (not a manifest this worker wrote); the next load rewrites it",
+                    path)
+        return []
+    return modules
+
+
+def _importable(name: str, module: Any) -> bool:
+    """A module that ``import_module(name)`` can bring back: found through the import system
+    under its own name (not a placeholder, not one a library built in memory)."""
+    if module is None or name == "__main__" or name.startswith("__mp_main__"):
+        return False
+    spec = getattr(module, "__spec__", None)
+    return spec is not None and getattr(spec, "name", None) == name
+
+
+def learn(kind: str, before: Iterable[str]) -> int:
+    """Add what this process imported since ``before`` to the manifest; how many were new.
+
+    Never raises: a manifest that cannot be written only means slower forks.
+    """
+    try:
+        if rejected_path(kind).exists():
+            return 0
+        seen = set(before)
+        fresh = [name for name, module in list(sys.modules.items())
+                 if name not in seen and _importable(name, module)]
+        if not fresh:
+            return 0
+        known = read(kind)
+        have = set(known)
+        added = [name for name in fresh if name not in have]
+        if not added:
+            return 0
+        _write(manifest_path(kind), {"format": FORMAT, "python": _python(),
+                                     "modules": (known + added)[:MAX_MODULES]})
+        return len(added)
+    except Exception as e:
+        log.warning("could not record the modules this load imported: %s", e)
+        return 0
+
+
+@dataclass(frozen=True)
+class Imported:
+    modules: int  # newly imported by this call
+    failed: int  # listed but not importable any more
+    seconds: float
+
+
+def import_learned(kind: str) -> Imported:
+    """Import every module of the manifest not imported yet (in the zygote)."""
+    started = time.perf_counter()
+    imported = failed = 0
+    for name in read(kind):
+        if name in sys.modules:
+            continue
+        try:
+            importlib.import_module(name)
+            imported += 1
+        except Exception as e:  # an upgraded library, an optional dependency gone
+            failed += 1
+            log.debug("learned module %s does not import: %s: %s", name, type(e).__name__, e)
+    return Imported(imported, failed, time.perf_counter() - started)
+
+
+def set_aside(kind: str, reason: str) -> Path:
+    """Stop using the manifest: its imports made forking unsafe. Returns where it went."""
+    path = rejected_path(kind)
+    try:
+        _write(path, {"reason": reason, "modules": read(kind)})
+        manifest_path(kind).unlink(missing_ok=True)
+    except OSError as e:
+        log.warning("could not set %s aside: %s", manifest_path(kind), e)
+    return path
+
+
+def _write(path: Path, data: dict[str, Any]) -> None:
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            json.dump(data, out)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
