@@ -7,6 +7,11 @@ Kokoro's vocab, and each sentence-sized chunk (at most 510 tokens) is one ``sess
 with the voice's style vector for that token count. Chunks are synthesised one by one, so a
 streamed answer starts after the first sentence, and a cancelled call stops between chunks.
 
+Reloads are cheap: the G2P is built once per process (in the kind's zygote, so a forked
+worker starts with it: :func:`workers.english_g2p.shared_phonemizer`), the ONNX session is
+opened from ONNX Runtime's optimised graph cached in the data dir (:mod:`workers.ort_cache`),
+and the warmup is one forward pass of a single phoneme.
+
 Recipe options (all optional)::
 
     model    path to a Kokoro .onnx file (default: kokoro-v1.0.int8.onnx assembled from the
@@ -184,8 +189,11 @@ class KokoroOnnxModel(Model):
         if op == "voices":
             return {"voices": sorted(self._voices), "default": self._default_voice}
         if op == WARMUP_OP:
-            count = sum(len(s) for s in self._synthesize("Hello.", self._style(None), 1.0, ctx))
-            return {"warmed_up": True, "samples": count}
+            # One forward pass of the shortest input sets up every kernel and ORT's memory
+            # arena once; a sentence would cost its whole synthesis for no more warmth.
+            token = self._vocab.get("ə", min(self._vocab.values()))
+            samples = self._run([token], self._style(None), 1.0)
+            return {"warmed_up": True, "samples": int(samples.size)}
         if op != "speech":
             raise ModelError(ErrorCode.UNSUPPORTED,
                              f"kokoro-onnx supports ops speech, voices and warmup, not {op!r:.40}")
@@ -209,15 +217,19 @@ class KokoroOnnxModel(Model):
         for chunk in chunks:
             ctx.check_cancelled()
             tokens = [self._vocab[p] for p in chunk.phonemes if p in self._vocab][:MAX_TOKENS]
-            if not tokens:
-                continue
-            ref = style[min(len(tokens), style.shape[0]) - 1].reshape(1, 256)
-            out = self._session.run(None, {
-                "tokens": np.array([[0, *tokens, 0]], dtype=np.int64),
-                "style": ref.astype(np.float32),
-                "speed": np.array([speed], dtype=np.float32),
-            })[0]
-            yield np.asarray(out, dtype=np.float32).reshape(-1)
+            if tokens:
+                yield self._run(tokens, style, speed)
+
+    def _run(self, tokens: list[int], style: np.ndarray[Any, Any],
+             speed: float) -> np.ndarray[Any, Any]:
+        """One forward pass: float32 samples for at most 510 phoneme tokens."""
+        ref = style[min(len(tokens), style.shape[0]) - 1].reshape(1, 256)
+        out = self._session.run(None, {
+            "tokens": np.array([[0, *tokens, 0]], dtype=np.int64),
+            "style": ref.astype(np.float32),
+            "speed": np.array([speed], dtype=np.float32),
+        })[0]
+        return np.asarray(out, dtype=np.float32).reshape(-1)
 
 
 def _providers(ort: Any, device: str) -> tuple[list[Any], str]:
