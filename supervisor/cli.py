@@ -60,6 +60,10 @@ def main() -> None:
               help="Start workers by forking a per-kind template process that has the heavy "
                    "modules imported (lazy: made on a kind's first load; eager: at start) or "
                    "by a fresh spawn (off). [env LEMONADE_ZYGOTES; default lazy]")
+@click.option("--zygote-idle-timeout",
+              help='A zygote with no live worker for this long ends (its memory comes back; '
+                   'the next load starts a new one): "10m", 300; 0 = never. '
+                   "[env LEMONADE_ZYGOTE_IDLE_TIMEOUT; default 10m]")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               help="[env LEMONADE_LOG_LEVEL; default info]")
 def serve(**options: Any) -> None:
@@ -169,9 +173,16 @@ def status(url: str | None, as_json: bool) -> None:
     zygotes = data.get("server", {}).get("zygotes") or []
     if zygotes:
         click.echo("\nZygotes (templates that fork workers; no weights, no VRAM):")
-        click.echo(_table([["KIND", "STATE", "PID", "RSS", "FORKS"]] + [
+        click.echo(_table([["KIND", "STATE", "PID", "RSS", "WORKERS", "IDLE EXIT IN", "FORKS"]] + [
             [z["kind"], z["state"], str(z["pid"] or "-"), format_bytes(z["rss_bytes"] or None),
-             str(z["forks"])] for z in zygotes]))
+             str(z.get("workers", "-")), _idle_exit_in(z), str(z["forks"])] for z in zygotes]))
+
+
+def _idle_exit_in(zygote: dict[str, Any]) -> str:
+    left = zygote.get("idle_expires_in_s")
+    if left is None:
+        return "-" if zygote.get("workers") else "never"
+    return format_duration(max(0.0, round(left)))
 
 
 @main.command()

@@ -165,6 +165,11 @@ class Settings:
     data_dir: str = ".lemonade"
     #: Worker start: "off" (always spawn), "lazy" or "eager" (fork from a per-kind zygote).
     zygotes: str = "lazy"
+    #: A zygote with no live worker for this long ends (math.inf = never). Twice the shipped
+    #: 5-minute model idle timer: a zygote outlives its last worker long enough for a user
+    #: who alternates models to keep fast swaps, and its memory still comes back a few
+    #: minutes after everything has unloaded.
+    zygote_idle_timeout_s: float = 600.0
     config_path: str | None = None
     sources: Mapping[str, str] = field(default_factory=FrozenDict)
 
@@ -215,6 +220,7 @@ _SERVER_KEYS: tuple[_ServerKey, ...] = tuple(
         ("preload", "preload", parse_preload, ""),
         ("data_dir", "data_dir", parse_path, ""),
         ("zygotes", "zygotes", parse_zygotes, ""),
+        ("zygote_idle_timeout", "zygote_idle_timeout_s", duration(zero_means_never=True), ""),
     )
 )
 _SERVER_FILE_KEYS = (*(k.key for k in _SERVER_KEYS), "max_loaded_per_type")

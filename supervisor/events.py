@@ -28,7 +28,9 @@ class EventBus:
     def listen(self, callback: Callable[[Event], None]) -> None:
         self._listeners.append(callback)
 
-    def publish(self, kind: str, model: str, **fields: Any) -> Event:
+    def publish(self, kind: str, model: str | None, /, **fields: Any) -> Event:
+        """``model`` is None for events about the server rather than a model (a zygote's
+        ``zygote_stopped`` carries its ``kind`` instead)."""
         event: Event = {"event": kind, "model": model, "at": time.time(), **fields}
         self.published += 1
         for callback in self._listeners:

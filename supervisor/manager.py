@@ -44,7 +44,7 @@ from supervisor.lifecycle import IdleTimer, Slot, State
 from supervisor.placement import limits, residents, resolve_budget, target_of
 from supervisor.process import WorkerProcess, worker_environment
 from supervisor.rundir import create_runtime_dir
-from supervisor.zygote import ZygotePool
+from supervisor.zygote_pool import ZygotePool
 from workers.protocol import WARMUP_OP, ErrorCode, Progress
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,9 @@ class Manager:
         self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
         self.zygotes = ZygotePool(self.settings.zygotes,
                                   worker_environment(data_dir=self.settings.data_dir),
-                                  start_timeout_s=self.settings.load_timeout_s)
+                                  start_timeout_s=self.settings.load_timeout_s,
+                                  idle_timeout_s=self.settings.zygote_idle_timeout_s,
+                                  on_idle_exit=self._zygote_idle_exit)
         kinds = list(dict.fromkeys(r.kind for r in self.settings.models.values()))
         eager = self.zygotes.start_all(kinds)
         if eager is not None:
@@ -107,6 +109,9 @@ class Manager:
             eager.add_done_callback(self._tasks.discard)
         for name in effective_preload(self.settings):
             self._spawn_task(self._preload(name), f"preload-{name}")
+
+    def _zygote_idle_exit(self, **fields: Any) -> None:
+        self.events.publish("zygote_stopped", None, reason="idle", **fields)
 
     def begin_shutdown(self) -> None:
         """The server is stopping: refuse new requests (503) and cancel loads in progress.

@@ -2,7 +2,7 @@
 
 A worker is ``python -m workers`` in its own session (so its whole process group can be
 killed), with an allowlisted environment, either spawned here or forked by its kind's zygote
-(:mod:`supervisor.zygote`); from the socket handshake on, both are handled by the same code.
+(:mod:`supervisor.zygote_pool`); from the socket handshake on, both are handled by the same code.
 It connects back to a Unix socket that only it may use: the socket lives in the supervisor's
 private 0700 runtime directory, is created 0600, accepts exactly one connection, checks the
 peer's pid with ``SO_PEERCRED``, and is unlinked as soon as the worker is connected. The
@@ -41,7 +41,7 @@ from workers.protocol import (
 )
 
 if TYPE_CHECKING:
-    from supervisor.zygote import ZygotePool
+    from supervisor.zygote_pool import ZygotePool
 
 log = logging.getLogger(__name__)
 worker_log = logging.getLogger("supervisor.worker")

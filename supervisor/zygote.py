@@ -1,17 +1,19 @@
 """Zygotes: per-kind template processes that fork workers (the supervisor's side).
 
 A spawned worker spends seconds importing torch and friends before it reads a weight; a
-worker forked from a zygote (:mod:`workers.zygote`) starts with them imported. This module
-starts one zygote per worker kind (``zygotes = "eager"``: with the server; ``"lazy"``: on
-the kind's first load), asks it to fork, and hands :mod:`supervisor.process` a handle that
-behaves like the asyncio ``Process`` of a spawned worker (``pid``, ``returncode``,
-``wait()``), so everything after the start (socket handshake, peer pid check, stop, kill the
-process group, reap, crash detection) is the same code for both.
+worker forked from a zygote (:mod:`workers.zygote`) starts with them imported. A
+:class:`Zygote` starts one such process, asks it to fork, and hands
+:mod:`supervisor.process` a handle that behaves like the asyncio ``Process`` of a spawned
+worker (``pid``, ``returncode``, ``wait()``), so everything after the start (socket
+handshake, peer pid check, stop, kill the process group, reap, crash detection) is the same
+code for both. Which zygotes run, and what happens when one cannot fork, is the job of
+:mod:`supervisor.zygote_pool`.
 
-Whenever forking is not possible the pool says so once in the log and returns ``None``, and
-the caller spawns the worker plainly: no pidfd support (Linux < 5.3), a zygote that cannot
-import its modules, one that reports its imports made forking unsafe, or one that keeps
-dying (three failed starts in a row switch its kind to spawning for good).
+A zygote holds a few hundred MB of imported modules, so it does not outlive its use: when it
+has had no live worker (no forked child alive, no fork in progress) for ``idle_timeout_s``
+it tells its owner, which stops it. The timer is a generation-stamped ``call_later``
+(:class:`supervisor.lifecycle.IdleTimer`), armed when the last child exits or the zygote
+becomes ready with none, cancelled when a fork is asked for, and re-checked when it fires.
 
 Exit statuses: the zygote is the forked worker's parent, so it reaps it and reports the
 status. The supervisor also holds a pidfd for each worker (sent by the zygote, opened before
@@ -25,6 +27,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import os
 import signal
 import socket
@@ -37,16 +40,11 @@ from typing import Any
 import psutil
 
 from supervisor import process
+from supervisor.lifecycle import IdleTimer
 from workers.zygote_protocol import ZygoteProtocolError, decode, encode, receive, send
 
 log = logging.getLogger(__name__)
 
-#: Failed starts in a row after which a kind's workers are always spawned plainly (a zygote
-#: that dies within SHORT_LIFE_S of being ready counts as a failed start).
-MAX_START_FAILURES = 3
-SHORT_LIFE_S = 30.0
-#: Eager mode restarts a zygote that died after this pause.
-RESTART_DELAY_S = 1.0
 #: How long to wait for a zygote's exit report once a worker's pidfd says it is gone.
 _EXIT_REPORT_GRACE_S = 2.0
 _STOP_GRACE_S = 2.0
@@ -92,6 +90,7 @@ class ForkedProcess:
         self._close_pidfd()
         self.returncode = code
         self._exited.set_result(code)
+        self._zygote._child_finished(self)
 
     def zygote_died(self) -> None:
         """Its zygote is gone, so it dies too (parent-death signal); wait for the pidfd."""
@@ -120,18 +119,31 @@ class ForkedWorker:
 
 
 class Zygote:
-    """One template process for one kind, and the control socket to it."""
+    """One template process for one kind, and the control socket to it.
+
+    ``on_lost(zygote)``: it died unexpectedly after it was ready. ``on_idle(zygote,
+    idle_s)``: it has had no live worker for ``idle_timeout_s`` (``math.inf``: never); the
+    owner decides whether to stop it.
+    """
 
     def __init__(self, kind: str, env: dict[str, str],
-                 on_lost: Callable[[Zygote], None] | None = None) -> None:
+                 on_lost: Callable[[Zygote], None] | None = None, *,
+                 idle_timeout_s: float = math.inf,
+                 on_idle: Callable[[Zygote, float], None] | None = None) -> None:
         self.kind = kind
         self._env = env
         self._on_lost = on_lost
+        self._on_idle = on_idle
+        self.idle_timeout_s = idle_timeout_s
+        self._idle = IdleTimer(self._idle_expired)
+        self._idle_since: float | None = None  # time.monotonic() when it last had no worker
         self.pid: int | None = None
         self.import_s: float | None = None
         self.unsafe: str | None = None
         self.forks = 0
         self.started_at: float | None = None
+        #: Its idle timer ran out (the owner stops it); an expected end, not a failure.
+        self.idle_exited = False
         self._proc: asyncio.subprocess.Process | None = None
         self._control: socket.socket | None = None
         self._ready: asyncio.Future[Any] | None = None
@@ -193,6 +205,7 @@ class Zygote:
         self.unsafe = ready["unsafe"]
         self.started_at = time.time()
         self._watcher = asyncio.ensure_future(self._watch())
+        self._settle()  # ready with no child yet (an eager start, or a fork that follows)
 
     async def _watch(self) -> None:
         assert self._proc is not None
@@ -239,16 +252,19 @@ class Zygote:
             future = self._pending.pop(message["id"], None)
             if future is not None and not future.done():
                 future.set_result(message["error"])
+            self._settle()
         elif kind == "exited":
-            gone = self._children.pop(message["pid"], None)
+            gone = self._children.get(message["pid"])
             if gone is not None:
-                gone.finish(message["code"])
+                gone.finish(message["code"])  # which forgets it (_child_finished)
         else:
             raise ZygoteProtocolError(f"unexpected {kind} from a zygote")
 
     def _lost(self, why: str, *, expected: bool = False) -> None:
         if self._control is None:
             return
+        self._idle.cancel()
+        self._idle_since = None
         loop = asyncio.get_running_loop()
         loop.remove_reader(self._control)
         self._control.close()
@@ -257,9 +273,10 @@ class Zygote:
             if not future.done():
                 future.set_result(f"zygote {why}")
         self._pending.clear()
-        for child in self._children.values():
+        children = list(self._children.values())
+        self._children.clear()  # before they finish: finishing forgets a child
+        for child in children:
             child.zygote_died()
-        self._children.clear()
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(RuntimeError(why))
             self._ready.exception()  # start() reports it; nobody else needs to retrieve it
@@ -268,6 +285,48 @@ class Zygote:
                 f" (last output: {' | '.join(self.output_tail)})" if self.output_tail else "")
         if not expected and self.started_at is not None and self._on_lost is not None:
             self._on_lost(self)
+
+    # ------------------------------------------------------------------ idle exit
+
+    @property
+    def workers(self) -> int:
+        """Forked children still alive (their exit not reported yet)."""
+        return len(self._children)
+
+    def _child_finished(self, child: ForkedProcess) -> None:
+        if self._children.get(child.pid) is child:
+            del self._children[child.pid]
+            self._settle()
+
+    def _settle(self) -> None:
+        """Arm the idle timer when no worker is alive and no fork is in progress; otherwise
+        cancel it. An armed timer keeps its deadline (it counts from the last child's exit)."""
+        if not self.alive or self._children or self._pending:
+            self._idle.cancel()
+            self._idle_since = None
+            return
+        if self._idle.armed or math.isinf(self.idle_timeout_s):
+            return
+        self._idle_since = time.monotonic()
+        self._idle.arm(self.idle_timeout_s)
+
+    def _idle_expired(self, generation: int) -> None:
+        if generation != self._idle.generation:
+            return  # cancelled (a fork was asked for) after this timer was scheduled
+        self._idle.cancel()
+        if not self.alive or self._children or self._pending:
+            return
+        idle_s = time.monotonic() - (self._idle_since or time.monotonic())
+        self._idle_since = None
+        self.idle_exited = True
+        if self._on_idle is not None:
+            self._on_idle(self, idle_s)
+
+    def idle_expires_in_s(self) -> float | None:
+        """Seconds until the idle exit is due, or None when none is scheduled."""
+        if self._idle.expires_at is None:
+            return None
+        return max(0.0, self._idle.expires_at - time.time())
 
     async def fork(self, socket_path: str, max_threads: int) -> ForkedWorker | str:
         """Fork one worker; a string says why it could not be done."""
@@ -280,6 +339,7 @@ class Zygote:
         request_id = self._next_id
         future: asyncio.Future[ForkedProcess | str] = loop.create_future()
         self._pending[request_id] = future
+        self._settle()  # a fork in progress: no idle exit now
         requested_at = time.perf_counter()
         try:
             send(self._control,
@@ -288,6 +348,7 @@ class Zygote:
             outcome = await future
         except (OSError, asyncio.CancelledError) as e:
             self._pending.pop(request_id, None)
+            self._settle()
             os.close(out_r)
             os.close(err_r)
             if isinstance(e, asyncio.CancelledError):
@@ -313,6 +374,16 @@ class Zygote:
         except psutil.Error:
             return 0
 
+    def unique_bytes(self) -> int:
+        """Its unique set size (USS): roughly what its exit frees once no worker shares its
+        pages; its RSS where USS cannot be read."""
+        if self.pid is None or not self.alive:
+            return 0
+        try:
+            return int(psutil.Process(self.pid).memory_full_info().uss)
+        except (psutil.Error, AttributeError):
+            return self.rss_bytes()
+
     def _kill(self) -> None:
         if self._proc is not None:
             process.signal_group(self._proc.pid, signal.SIGKILL)
@@ -330,11 +401,13 @@ class Zygote:
             await asyncio.wait_for(asyncio.gather(*self._forwarders), 1.0)
 
     def describe(self) -> dict[str, Any]:
+        expires_in = self.idle_expires_in_s()
         return {
             "kind": self.kind, "pid": self.pid if self.alive else None,
             "state": ("unsafe" if self.unsafe else "ready") if self.alive else "stopped",
             "unsafe_reason": self.unsafe, "import_seconds": self.import_s,
-            "forks": self.forks, "rss_bytes": self.rss_bytes(),
+            "forks": self.forks, "workers": self.workers, "rss_bytes": self.rss_bytes(),
+            "idle_expires_in_s": None if expires_in is None else round(expires_in, 3),
         }
 
 
@@ -344,131 +417,3 @@ async def _reader(fd: int) -> asyncio.StreamReader:
     await loop.connect_read_pipe(
         lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0))
     return reader
-
-
-class ZygotePool:
-    """The zygotes of one supervisor, one per kind, started on demand or at start."""
-
-    def __init__(self, mode: str, env: dict[str, str], start_timeout_s: float) -> None:
-        self.mode = mode
-        self._env = env
-        self._start_timeout_s = start_timeout_s
-        self._zygotes: dict[str, Zygote] = {}
-        self._starting: dict[str, asyncio.Task[Zygote | None]] = {}
-        self._failures: collections.Counter[str] = collections.Counter()
-        self._said: set[tuple[str, str]] = set()
-        self._restarts: set[asyncio.Task[Zygote | None]] = set()
-        self._closed = False
-        self.unavailable = None if mode == "off" else fork_unavailable_reason()
-        if self.unavailable is not None:
-            log.warning("workers will be spawned, not forked: %s", self.unavailable)
-
-    @property
-    def enabled(self) -> bool:
-        return self.mode != "off" and self.unavailable is None and not self._closed
-
-    def start_all(self, kinds: list[str]) -> asyncio.Task[None] | None:
-        """Eager mode: start the zygotes of ``kinds`` one after another, in the background."""
-        if not self.enabled or self.mode != "eager" or not kinds:
-            return None
-
-        async def start_in_turn() -> None:
-            for kind in kinds:
-                await self._zygote_for(kind)
-
-        return asyncio.create_task(start_in_turn(), name="zygotes")
-
-    async def fork(self, kind: str, socket_path: str, max_threads: int) -> ForkedWorker | None:
-        """A forked worker, or None when the caller should spawn one (logged once)."""
-        if not self.enabled:
-            return None
-        zygote = await self._zygote_for(kind)
-        if zygote is None:
-            return None
-        if zygote.unsafe is not None:
-            self._say_once(kind, "unsafe",
-                           f"workers of kind {kind} will be spawned, not forked: "
-                           f"{zygote.unsafe}")
-            return None
-        outcome = await zygote.fork(socket_path, max_threads)
-        if isinstance(outcome, str):
-            log.warning("could not fork a worker of kind %s (%s); spawning one instead",
-                        kind, outcome)
-            return None
-        return outcome
-
-    async def _zygote_for(self, kind: str) -> Zygote | None:
-        zygote = self._zygotes.get(kind)
-        if zygote is not None and zygote.alive:
-            return zygote
-        if self._failures[kind] >= MAX_START_FAILURES:
-            return None
-        task = self._starting.get(kind)
-        if task is None:  # single-flight: concurrent loads of one kind share one start
-            task = asyncio.ensure_future(self._start(kind))
-            self._starting[kind] = task
-            task.add_done_callback(lambda _t: self._starting.pop(kind, None))
-        return await asyncio.shield(task)
-
-    async def _start(self, kind: str) -> Zygote | None:
-        previous = self._zygotes.pop(kind, None)
-        if previous is not None:
-            log.info("restarting the zygote for kind %s", kind)
-            await previous.stop()
-        zygote = Zygote(kind, self._env, on_lost=self._lost)
-        try:
-            await zygote.start(self._start_timeout_s)
-        except (OSError, RuntimeError) as e:
-            self._failures[kind] += 1
-            final = self._failures[kind] >= MAX_START_FAILURES
-            log.warning("zygote for kind %s did not start (%s); spawning this worker%s", kind,
-                        e, " and every later one of this kind" if final else "")
-            return None
-        if self._closed:
-            await zygote.stop()
-            return None
-        self._zygotes[kind] = zygote
-        log.info("zygote %d for kind %s ready (imports took %.2fs)", zygote.pid, kind,
-                 zygote.import_s or 0.0)
-        return zygote
-
-    def _lost(self, zygote: Zygote) -> None:
-        """A ready zygote died: a quick death counts as a failed start; eager restarts it."""
-        lived = time.time() - (zygote.started_at or 0.0)
-        if lived < SHORT_LIFE_S:
-            self._failures[zygote.kind] += 1
-        else:
-            self._failures[zygote.kind] = 0
-        if self._closed or self.mode != "eager":
-            return  # lazy: the next load of the kind starts a new one
-
-        async def restart() -> Zygote | None:
-            await asyncio.sleep(RESTART_DELAY_S)
-            return await self._zygote_for(zygote.kind)
-
-        task = asyncio.ensure_future(restart())
-        self._restarts.add(task)
-        task.add_done_callback(self._restarts.discard)
-
-    def _say_once(self, kind: str, topic: str, text: str) -> None:
-        if (kind, topic) not in self._said:
-            self._said.add((kind, topic))
-            log.warning("%s", text)
-
-    def describe(self) -> list[dict[str, Any]]:
-        return [z.describe() for z in self._zygotes.values()]
-
-    def held_bytes(self) -> int:
-        """Memory the running zygotes hold (their RSS: the pages their workers share)."""
-        return sum(z.rss_bytes() for z in self._zygotes.values())
-
-    async def close(self) -> None:
-        """Stop every zygote (after the workers: a zygote's exit would kill its workers)."""
-        self._closed = True
-        pending = [*self._starting.values(), *self._restarts]
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        await asyncio.gather(*(z.stop() for z in self._zygotes.values()),
-                             return_exceptions=True)
-        self._zygotes.clear()

@@ -122,6 +122,7 @@ async def status(request: web.Request) -> web.Response:
             "max_loaded_per_type": dict(settings.max_loaded_per_type),
             "memory_budget_bytes": manager.memory_budget_bytes,
             "spawns": manager.spawns,
+            "zygote_idle_timeout_s": _seconds_or_never(settings.zygote_idle_timeout_s),
             "zygotes": manager.zygotes.describe() if manager.zygotes is not None else [],
         },
         "models": model_rows(manager),

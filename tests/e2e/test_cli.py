@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import socket
 
-from tests.e2e.conftest import pid_alive, pid_gone, run_cli
+from tests.e2e.conftest import pid_alive, pid_gone, run_cli, wait_for
 
 CONFIG = """
 [server]
@@ -61,6 +61,7 @@ def test_cli_drives_the_lifecycle(start_server):
     (zygote,) = server.zygote_pids()  # the worker was forked from the synthetic kind's zygote
     zygote_row = _row(status.stdout, "synthetic")
     assert "ready" in zygote_row and str(zygote) in zygote_row and zygote_row[-1] == "1"
+    assert zygote_row[-3:-1] == ["1", "-"]  # one live worker, so no idle exit is due
 
     as_json = run_cli("status", "--json", env=env)
     assert as_json.returncode == 0
@@ -142,3 +143,24 @@ def test_cli_without_a_server_says_how_to_start_one():
     assert url in result.stderr
     assert "lemonade serve" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_zygote_ends_after_the_idle_timeout_given_by_the_flag(start_server):
+    server = start_server(CONFIG, args=["--zygote-idle-timeout", "2s"])
+    env = {"LEMONADE_URL": server.url}
+    assert server.status()["server"]["zygote_idle_timeout_s"] == 2
+    assert run_cli("load", "tone", env=env).returncode == 0
+    (zygote,) = server.zygote_pids()
+    unload = run_cli("unload", "--all", env=env)
+    assert unload.returncode == 0, unload.stderr
+    listed = server.status()["server"]["zygotes"]
+    if listed:  # not yet gone: no worker, and its exit is due within the timeout
+        (row,) = listed
+        assert row["pid"] == zygote and row["workers"] == 0
+        assert 0 <= row["idle_expires_in_s"] <= 2
+    wait_for(lambda: pid_gone(zygote), 30, what="the idle zygote to end")
+    assert server.status()["server"]["zygotes"] == []
+    assert "Zygotes" not in run_cli("status", env=env).stdout
+    assert "had no worker for" in server.log_text()
+    assert run_cli("load", "tone", env=env).returncode == 0  # a new zygote forks it
+    assert server.zygote_pids() not in ([], [zygote])

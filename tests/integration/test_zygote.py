@@ -192,3 +192,105 @@ async def test_a_forked_worker_is_charged_what_its_exit_frees_and_the_zygote_onc
     budget = manager.budget_for_models()
     assert budget is not None
     assert abs(budget - (8 * 1024 * MiB - zygote_rss)) < 16 * MiB  # it may grow a little
+
+
+# ----------------------------------------------------------------------------- idle exit
+
+
+def _stopped_events(manager) -> list[dict]:
+    events: list[dict] = []
+    manager.events.listen(lambda e: events.append(e) if e["event"] == "zygote_stopped" else None)
+    return events
+
+
+async def test_an_idle_zygote_ends_and_the_next_load_starts_a_new_one(
+    make_manager: ManagerFactory, caplog: pytest.LogCaptureFixture,
+) -> None:
+    manager = await make_manager(server(zygotes="lazy", zygote_idle_timeout="0.5s") + tts("a"))
+    stopped = _stopped_events(manager)
+    await manager.load("a")
+    first = _zygote(manager)
+    assert first["workers"] == 1 and first["idle_expires_in_s"] is None
+    with caplog.at_level(logging.INFO, logger="supervisor.zygote_pool"):
+        await manager.unload("a")
+        # The timer runs from the last worker's exit.
+        assert 0 < (_zygote(manager)["idle_expires_in_s"] or 0) <= 0.5
+        assert _zygote(manager)["workers"] == 0
+        await wait_for(lambda: process_gone(first["pid"]), 30, "the idle zygote to end")
+    assert manager.zygotes.describe() == []
+    (event,) = stopped
+    assert event["kind"] == "synthetic" and event["pid"] == first["pid"]
+    assert event["reason"] == "idle" and event["idle_seconds"] >= 0.5
+    assert event["freed_bytes"] > 0 and event["model"] is None
+    (line,) = [r for r in caplog.records if "had no worker" in r.getMessage()]
+    assert line.levelno == logging.INFO
+    assert str(first["pid"]) in line.getMessage() and "synthetic" in line.getMessage()
+    assert "frees about" in line.getMessage()
+
+    pid, audio = await speak(manager, "a")
+    assert audio[:4] == b"RIFF" and manager.slots["a"].info["worker_start"] == "fork"
+    second = _zygote(manager)
+    assert second["pid"] not in (None, first["pid"])
+    assert psutil.Process(pid).ppid() == second["pid"]
+
+
+async def test_the_budget_stops_counting_a_zygote_once_it_ended(
+    make_manager: ManagerFactory,
+) -> None:
+    manager = await make_manager(server(zygotes="lazy", memory_budget="8GiB",
+                                        zygote_idle_timeout="0.5s") + tts("a"))
+    await manager.load("a")
+    zygote = _zygote(manager)["pid"]
+    assert manager.zygotes.held_bytes() > 0
+    assert manager.budget_for_models() < 8 * 1024 * MiB
+    await manager.unload("a")
+    await wait_for(lambda: process_gone(zygote), 30, "the idle zygote to end")
+    assert manager.zygotes.held_bytes() == 0
+    assert manager.budget_for_models() == 8 * 1024 * MiB
+
+
+async def test_a_live_worker_keeps_its_zygote_and_a_fork_cancels_a_pending_exit(
+    make_manager: ManagerFactory,
+) -> None:
+    manager = await make_manager(server(zygotes="lazy", zygote_idle_timeout="2s") + tts("a"))
+    await manager.load("a")
+    zygote = _zygote(manager)["pid"]
+    await asyncio.sleep(3)  # well past the timeout, with a worker alive the whole time
+    row = _zygote(manager)
+    assert row["pid"] == zygote and row["workers"] == 1 and row["idle_expires_in_s"] is None
+
+    await manager.unload("a")
+    assert _zygote(manager)["idle_expires_in_s"] is not None  # the exit is due in <= 2 s
+    await manager.load("a")  # its fork request cancels it
+    row = _zygote(manager)
+    assert row["pid"] == zygote and row["workers"] == 1 and row["idle_expires_in_s"] is None
+    await asyncio.sleep(2.5)  # past the deadline the cancelled timer had
+    assert _zygote(manager)["pid"] == zygote and not process_gone(zygote)
+    assert psutil.Process(manager.slots["a"].pid).ppid() == zygote
+
+
+async def test_a_zygote_idle_timeout_of_0_means_never(make_manager: ManagerFactory) -> None:
+    manager = await make_manager(server(zygotes="lazy", zygote_idle_timeout=0) + tts("a"))
+    await manager.load("a")
+    await manager.unload("a")
+    row = _zygote(manager)
+    assert row["workers"] == 0 and row["idle_expires_in_s"] is None
+    assert not process_gone(row["pid"])
+
+
+async def test_eager_does_not_restart_a_zygote_that_ended_for_idleness(
+    make_manager: ManagerFactory,
+) -> None:
+    from supervisor.zygote_pool import RESTART_DELAY_S
+
+    manager = await make_manager(server(zygotes="eager", zygote_idle_timeout="0.5s") + tts("a"))
+    stopped = _stopped_events(manager)
+    # Ready with no worker, so its timer starts at once.
+    await wait_for(lambda: stopped != [], 30, "the eager zygote to end for idleness")
+    first = stopped[0]["pid"]
+    await wait_for(lambda: process_gone(first), 30, "the idle zygote's process to end")
+    await asyncio.sleep(RESTART_DELAY_S * 3)  # an eager restart would have come by now
+    assert manager.zygotes.describe() == [] and len(stopped) == 1
+    pid, audio = await speak(manager, "a")  # the next load starts one, as in lazy mode
+    assert audio and manager.slots["a"].info["worker_start"] == "fork"
+    assert psutil.Process(pid).ppid() == _zygote(manager)["pid"] != first

@@ -199,6 +199,7 @@ log_level = "DEBUG"
 preload = ["tts1"]
 data_dir = "/var/cache/lemonade"
 zygotes = "Eager"
+zygote_idle_timeout = "2m"
 """
     + MINIMAL_MODEL
 )
@@ -225,6 +226,7 @@ def test_every_server_key_from_file(tmp_path: Path) -> None:
     assert s.preload == ("tts1",)
     assert s.data_dir == "/var/cache/lemonade"
     assert s.zygotes == "eager"
+    assert s.zygote_idle_timeout_s == 120.0
     file_source = f"file {tmp_path / 'lemonade.toml'}"
     assert all(source == file_source for name, source in s.sources.items() if name != "api_key")
 
@@ -254,6 +256,9 @@ def test_every_server_key_from_file(tmp_path: Path) -> None:
         ('log_level = "loud"', "log_level", "warning"),
         ('zygotes = "sometimes"', "zygotes", "off, lazy, eager"),
         ("zygotes = true", "zygotes", "off, lazy, eager"),
+        ('zygote_idle_timeout = "soon"', "zygote_idle_timeout", '"never"'),
+        ("zygote_idle_timeout = -1", "zygote_idle_timeout", "duration"),
+        ("zygote_idle_timeout = true", "zygote_idle_timeout", "duration"),
         ('preload = "tts1"', "preload", "array"),
         ('preload = ["bad name"]', "preload", "model name"),
         ('default_model = "bad/name"', "default_model", "model name"),
@@ -834,3 +839,57 @@ def test_max_queue_recipe_key(tmp_path: Path) -> None:
     for bad in ("-1", '"3"', "true", "1.5"):
         with pytest.raises(ConfigError, match="max_queue"):
             load(tmp_path, base + f"max_queue = {bad}\n")
+
+
+# --- zygote_idle_timeout ---------------------------------------------------------------------
+
+
+def test_zygote_idle_timeout_default_precedence_and_sources(tmp_path: Path) -> None:
+    settings = load(tmp_path)
+    assert settings.zygote_idle_timeout_s == 600.0  # twice the shipped 5-minute model timer
+    assert settings.sources["zygote_idle_timeout_s"] == "default"
+    path = tmp_path / "lemonade.toml"
+    settings = load(tmp_path, '[server]\nzygote_idle_timeout = "5m"\n')
+    assert settings.zygote_idle_timeout_s == 300.0
+    assert settings.sources["zygote_idle_timeout_s"] == f"file {path}"
+    env = {"LEMONADE_ZYGOTE_IDLE_TIMEOUT": "90s"}
+    settings = load(tmp_path, env=env)
+    assert settings.zygote_idle_timeout_s == 90.0
+    assert settings.sources["zygote_idle_timeout_s"] == "env LEMONADE_ZYGOTE_IDLE_TIMEOUT"
+    settings = load(tmp_path, env=env, cli={"zygote_idle_timeout": "1h"})
+    assert settings.zygote_idle_timeout_s == 3600.0
+    assert settings.sources["zygote_idle_timeout_s"] == "cli --zygote-idle-timeout"
+    assert load(tmp_path, cli={"zygote_idle_timeout": 300}).zygote_idle_timeout_s == 300.0
+
+
+@pytest.mark.parametrize("value", ["0", "0.0", '"0s"', '"never"'])
+def test_zygote_idle_timeout_zero_or_never_means_never(tmp_path: Path, value: str) -> None:
+    settings = load(tmp_path, f"[server]\nzygote_idle_timeout = {value}\n")
+    assert settings.zygote_idle_timeout_s == math.inf
+    env = {"LEMONADE_ZYGOTE_IDLE_TIMEOUT": "0"}
+    assert load(tmp_path, env=env).zygote_idle_timeout_s == math.inf
+    assert load(tmp_path, cli={"zygote_idle_timeout": "never"}).zygote_idle_timeout_s == math.inf
+
+
+def test_bad_zygote_idle_timeout_names_where_it_came_from(tmp_path: Path) -> None:
+    message = error(tmp_path, env={"LEMONADE_ZYGOTE_IDLE_TIMEOUT": "-5"})
+    assert message.startswith("env LEMONADE_ZYGOTE_IDLE_TIMEOUT:")
+    assert "a duration" in message and '0/"never"' in message and "'-5'" in message
+    message = error(tmp_path, cli={"zygote_idle_timeout": "soon"})
+    assert message.startswith("--zygote-idle-timeout:") and "'soon'" in message
+
+
+def test_the_serve_flag_reaches_the_config(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from supervisor.cli import main
+
+    monkeypatch.chdir(tmp_path)  # no lemonade.toml here
+    for name in [n for n in os.environ if n.startswith("LEMONADE_")]:
+        monkeypatch.delenv(name)
+    result = CliRunner().invoke(main, ["serve", "--zygote-idle-timeout", "soon"])
+    assert result.exit_code != 0
+    assert "--zygote-idle-timeout: expected" in result.output and "'soon'" in result.output
+    help_text = CliRunner().invoke(main, ["serve", "--help"]).output
+    assert "--zygote-idle-timeout" in help_text and "LEMONADE_ZYGOTE_IDLE_TIMEOUT" in help_text
