@@ -609,6 +609,8 @@ class Manager:
         slot.info["hello_seconds"] = round(worker.hello_seconds, 4)
         if warmup_s is not None:
             slot.info["warmup_seconds"] = round(warmup_s, 4)
+        if worker.started_by == "fork" and self.zygotes is not None:
+            self.zygotes.learn(recipe.kind)
         slot.vram_bytes = loaded.memory.get("vram", 0)
         slot.rss_bytes = max(worker.rss_bytes(), loaded.memory.get("rss", 0))
         slot.measured_cost_bytes = slot.vram_bytes or worker.freed_on_exit_bytes() or slot.rss_bytes

@@ -139,6 +139,8 @@ class Zygote:
         self._idle_since: float | None = None  # time.monotonic() when it last had no worker
         self.pid: int | None = None
         self.import_s: float | None = None
+        self.learned_modules = 0
+        self.tainted = False
         self.unsafe: str | None = None
         self.forks = 0
         self.started_at: float | None = None
@@ -203,6 +205,10 @@ class Zygote:
             watcher.cancel()
         self.import_s = ready["import_s"]
         self.unsafe = ready["unsafe"]
+        self.learned_modules = ready["learned"]
+        # Unsafe only because of the learned imports (the zygote set that list aside): a new
+        # zygote of this kind starts without it and may fork again.
+        self.tainted = self.unsafe is not None and self.learned_modules > 0
         self.started_at = time.time()
         self._watcher = asyncio.ensure_future(self._watch())
         self._settle()  # ready with no child yet (an eager start, or a fork that follows)
@@ -257,8 +263,31 @@ class Zygote:
             gone = self._children.get(message["pid"])
             if gone is not None:
                 gone.finish(message["code"])  # which forgets it (_child_finished)
+        elif kind == "learned":
+            self._learned(message)
         else:
             raise ZygoteProtocolError(f"unexpected {kind} from a zygote")
+
+    def learn(self) -> None:
+        """A worker of this kind finished loading: the zygote imports what its load learned
+        (:mod:`workers.import_manifest`), so that the next worker starts with it."""
+        if self.alive and self.unsafe is None and self._control is not None:
+            try:
+                send(self._control, encode("learn"))
+            except OSError as e:  # full or gone: the next worker's load teaches it again
+                log.debug("could not ask zygote %s to learn: %s", self.pid, e)
+
+    def _learned(self, message: dict[str, Any]) -> None:
+        self.learned_modules += message["modules"]
+        if message["modules"] or message["failed"]:
+            log.info("zygote %s for kind %s imported %d modules its workers' loads use "
+                     "(%.2fs%s)", self.pid, self.kind, message["modules"], message["seconds"],
+                     f", {message['failed']} no longer import" if message["failed"] else "")
+        if message["unsafe"] is not None and self.unsafe is None:
+            self.unsafe = message["unsafe"]
+            self.tainted = True
+            log.warning("zygote %s for kind %s cannot fork any more: %s", self.pid, self.kind,
+                        self.unsafe)
 
     def _lost(self, why: str, *, expected: bool = False) -> None:
         if self._control is None:
@@ -406,7 +435,8 @@ class Zygote:
             "kind": self.kind, "pid": self.pid if self.alive else None,
             "state": ("unsafe" if self.unsafe else "ready") if self.alive else "stopped",
             "unsafe_reason": self.unsafe, "import_seconds": self.import_s,
-            "forks": self.forks, "workers": self.workers, "rss_bytes": self.rss_bytes(),
+            "learned_modules": self.learned_modules, "forks": self.forks,
+            "workers": self.workers, "rss_bytes": self.rss_bytes(),
             "idle_expires_in_s": None if expires_in is None else round(expires_in, 3),
         }
 

@@ -58,6 +58,8 @@ class ZygotePool:
         #: Kinds whose zygote reported its imports make forking unsafe (that does not change
         #: while the server runs, so a zygote that ended is not started again to learn it).
         self._unsafe: dict[str, str] = {}
+        #: Kinds whose zygote was restarted once because its learned imports made it unsafe.
+        self._retried_clean: set[str] = set()
         self._said: set[tuple[str, str]] = set()
         self._restarts: set[asyncio.Task[Zygote | None]] = set()
         self._stopping: set[asyncio.Task[None]] = set()
@@ -103,6 +105,15 @@ class ZygotePool:
     async def _usable_zygote(self, kind: str) -> Zygote | None:
         if kind not in self._unsafe:
             zygote = await self._zygote_for(kind)
+            if zygote is not None and zygote.tainted and kind not in self._retried_clean:
+                # Its learned imports made it unsafe and were set aside: a new zygote
+                # starts without them (once; a second unsafe one means spawning from now).
+                self._retried_clean.add(kind)
+                log.warning("restarting the zygote for kind %s without its learned imports "
+                            "(%s)", kind, zygote.unsafe)
+                self._zygotes.pop(kind, None)
+                await zygote.stop()
+                zygote = await self._zygote_for(kind)
             if zygote is None or zygote.unsafe is None:
                 return zygote
             self._unsafe[kind] = zygote.unsafe
@@ -184,6 +195,12 @@ class ZygotePool:
         if (kind, topic) not in self._said:
             self._said.add((kind, topic))
             log.warning("%s", text)
+
+    def learn(self, kind: str) -> None:
+        """A forked worker of ``kind`` has loaded: its zygote imports what the load used."""
+        zygote = self._zygotes.get(kind)
+        if zygote is not None:
+            zygote.learn()
 
     def describe(self) -> list[dict[str, Any]]:
         return [z.describe() for z in self._zygotes.values()]

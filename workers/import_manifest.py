@@ -13,9 +13,11 @@ and warmup imported, and its zygote imports the same:
   in ``sys.modules`` that were not there when it was forked are added to the kind's manifest,
   ``data_dir(kind)/zygote-imports.json`` (written to a temporary file and renamed, so a reader
   sees the old list or the new one, never half of one);
-* :func:`import_learned` runs in the zygote at start and again whenever the supervisor says a
-  worker finished loading (``learn`` on the control socket); modules already imported cost
-  nothing, and one that no longer imports (a library was upgraded) is skipped.
+* the zygote imports them at start (:func:`import_learned`) and again whenever the supervisor
+  says a worker finished loading (``learn`` on the control socket), then one module at a
+  time between its other work (:func:`pending`, :func:`import_one`), so that it keeps
+  forking and reaping meanwhile; modules already imported cost nothing, and one that no
+  longer imports (a library was upgraded) is skipped.
 
 A manifest that is not valid JSON of the expected shape, or that was written by another
 Python version, is ignored and rewritten by the next worker. A module whose import makes
@@ -33,8 +35,8 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -117,27 +119,48 @@ def learn(kind: str, before: Iterable[str]) -> int:
         return 0
 
 
-@dataclass(frozen=True)
-class Imported:
-    modules: int  # newly imported by this call
-    failed: int  # listed but not importable any more
-    seconds: float
+def pending(kind: str) -> list[str]:
+    """The manifest's modules not imported in this process yet, in the order learned."""
+    return [name for name in read(kind) if name not in sys.modules]
 
 
-def import_learned(kind: str) -> Imported:
-    """Import every module of the manifest not imported yet (in the zygote)."""
-    started = time.perf_counter()
-    imported = failed = 0
-    for name in read(kind):
-        if name in sys.modules:
-            continue
-        try:
-            importlib.import_module(name)
-            imported += 1
-        except Exception as e:  # an upgraded library, an optional dependency gone
-            failed += 1
-            log.debug("learned module %s does not import: %s: %s", name, type(e).__name__, e)
-    return Imported(imported, failed, time.perf_counter() - started)
+def import_one(name: str) -> bool:
+    """Import one learned module; False when it no longer imports (an upgraded library)."""
+    try:
+        importlib.import_module(name)
+    except Exception as e:
+        log.debug("learned module %s does not import: %s: %s", name, type(e).__name__, e)
+        return False
+    return True
+
+
+@dataclass
+class Learning:
+    """What one round of learned imports did (the zygote reports it)."""
+
+    modules: int = 0  # newly imported
+    failed: int = 0  # listed but not importable any more
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+
+def import_learned(kind: str, hazard: Callable[[str], str | None] = lambda _name: None,
+                   ) -> tuple[Learning, str | None]:
+    """Import every pending module, asking ``hazard(name)`` after each; stops at the first
+    hazard and returns it (the process must then not fork)."""
+    done = Learning()
+    for name in pending(kind):
+        if import_one(name):
+            done.modules += 1
+        else:
+            done.failed += 1
+        found = hazard(name)
+        if found is not None:
+            return done, found
+    return done, None
 
 
 def set_aside(kind: str, reason: str) -> Path:

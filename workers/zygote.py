@@ -34,6 +34,7 @@ Run by the supervisor as ``python -m workers.zygote --kind K --control-fd N --pa
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import logging
 import os
@@ -68,15 +69,16 @@ def fork_hazard(python_threads: int, cuda_initialized: bool) -> str | None:
     return None
 
 
-def learned_imports_hazard(kind: str) -> str | None:
-    """After importing a kind's learned modules: why forking is now unsafe, or None. An
-    unsafe manifest is set aside so that the kind's next zygote does not import it."""
+def learned_import_hazard(kind: str, module: str) -> str | None:
+    """After importing one of a kind's learned modules: why forking is now unsafe, or None.
+    An unsafe manifest is set aside so that the kind's next zygote does not import it."""
     hazard = fork_hazard(threading.active_count(), _cuda_initialized())
     if hazard is None:
         return None
     where = import_manifest.set_aside(kind, hazard)
-    return (f"{hazard} by the modules learned from earlier loads; that list was set aside "
-            f"({where}), so the next zygote of this kind starts without it")
+    return (f"{hazard} by the learned module {module}; the list of modules learned from "
+            f"earlier loads was set aside ({where}), so the next zygote of this kind starts "
+            "without it")
 
 
 def _cuda_initialized() -> bool:
@@ -103,6 +105,10 @@ class Zygote:
         self.parent_pid = parent_pid
         self.pid = os.getpid()  # a forked child's parent, which it checks it still has
         self.unsafe: str | None = None  # set when learned imports made forking unsafe
+        #: Learned modules still to import, one per pass of the loop when nothing else waits.
+        self._to_learn: collections.deque[str] = collections.deque()
+        self._learning = import_manifest.Learning()
+        self._learn_again = False
         self.children: set[int] = set()
         # SIGCHLD wakes the select through this pipe (the handler itself does nothing).
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -118,8 +124,11 @@ class Zygote:
 
     def serve(self) -> NoReturn:
         while True:
+            # Learning waits for idle moments: forks and reaps never wait for an import.
+            timeout = 0.0 if self._to_learn else None
             try:
-                ready, _, _ = select.select([self.control.fileno(), self._wake_r], [], [])
+                ready, _, _ = select.select([self.control.fileno(), self._wake_r], [], [],
+                                            timeout)
             except InterruptedError:
                 continue
             if self._wake_r in ready:
@@ -128,6 +137,8 @@ class Zygote:
             self._reap()
             if self.control.fileno() in ready:
                 self._handle_control()
+            elif not ready and self._to_learn:
+                self._learn_next()
 
     def _handle_control(self) -> None:
         try:
@@ -158,16 +169,36 @@ class Zygote:
         self._fork(message, fds)
 
     def _learn(self) -> None:
-        """Import what the kind's workers learned since the last time, then check again."""
+        """Queue what the kind's workers learned since the last time (see :meth:`serve`)."""
         if self.unsafe is not None:
-            self.send(zygote_protocol.encode("learned", modules=0, failed=0, seconds=0.0,
-                                             unsafe=self.unsafe))
             return
-        done = import_manifest.import_learned(self.kind)
-        hazard = learned_imports_hazard(self.kind) if done.modules else None
+        if self._to_learn:  # a round is under way: it reads the manifest again at its end
+            self._learn_again = True
+            return
+        self._to_learn.extend(import_manifest.pending(self.kind))
+        self._learning = import_manifest.Learning()
+        if not self._to_learn:
+            self._report_learning(None)
+
+    def _learn_next(self) -> None:
+        name = self._to_learn.popleft()
+        if import_manifest.import_one(name):
+            self._learning.modules += 1
+        else:
+            self._learning.failed += 1
+        hazard = learned_import_hazard(self.kind, name)
         if hazard is not None:
             self.unsafe = hazard
+            self._to_learn.clear()
             log.warning("zygote for kind %r will not fork any more: %s", self.kind, hazard)
+        if not self._to_learn and hazard is None and self._learn_again:
+            self._learn_again = False
+            self._to_learn.extend(import_manifest.pending(self.kind))
+        if not self._to_learn:
+            self._report_learning(hazard)
+
+    def _report_learning(self, hazard: str | None) -> None:
+        done = self._learning
         self.send(zygote_protocol.encode("learned", modules=done.modules, failed=done.failed,
                                          seconds=done.seconds, unsafe=hazard))
 
@@ -271,10 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     hazard = fork_hazard(threading.active_count(), _cuda_initialized())
     learned = 0
     if hazard is None:
-        done = import_manifest.import_learned(args.kind)
+        done, hazard = import_manifest.import_learned(
+            args.kind, lambda name: learned_import_hazard(args.kind, name))
         learned = done.modules
-        if learned:
-            hazard = learned_imports_hazard(args.kind)
     import_s = time.perf_counter() - started
     zygote = Zygote(args.kind, control, args.parent_pid)
     zygote.send(zygote_protocol.encode(

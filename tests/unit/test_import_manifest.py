@@ -48,8 +48,8 @@ def test_what_a_load_imports_is_recorded_and_imported_again(data_dir: Path, libr
     assert import_manifest.learn("k", before) == 0, "nothing new the second time"
 
     _forget(library)  # a fresh zygote of the kind: the modules are not imported yet
-    done = import_manifest.import_learned("k")
-    assert done.modules >= 1 and done.failed == 0
+    done, hazard = import_manifest.import_learned("k")
+    assert done.modules >= 1 and done.failed == 0 and hazard is None
     assert f"{library}.models" in sys.modules
 
 
@@ -59,7 +59,7 @@ def test_modules_that_no_longer_import_are_skipped(data_dir: Path, library: str)
     import_manifest.learn("k", before)
     _forget(library)
     source.unlink()  # the library was upgraded and the module is gone
-    done = import_manifest.import_learned("k")
+    done, _ = import_manifest.import_learned("k")
     assert done.failed == 1
     assert f"{library}.models" not in sys.modules
 
@@ -79,13 +79,30 @@ def test_a_corrupt_or_foreign_manifest_is_ignored_and_rewritten(
     python = f"{sys.version_info[0]}.{sys.version_info[1]}"
     path.write_text(content.replace("%s", python))
     assert import_manifest.read("k") == []
-    assert import_manifest.import_learned("k").modules == 0
+    assert import_manifest.import_learned("k")[0].modules == 0
     before = frozenset(sys.modules)
     importlib.import_module(f"{library}.models")
     assert import_manifest.learn("k", before) >= 1
     data = json.loads(path.read_text())
     assert data["format"] == import_manifest.FORMAT and data["python"] == python
     assert f"{library}.models" in data["modules"]
+
+
+def test_importing_stops_at_the_first_module_that_makes_forking_unsafe(
+    data_dir: Path, library: str,
+) -> None:
+    before = frozenset(sys.modules)
+    importlib.import_module(f"{library}.models")
+    import_manifest.learn("k", before)
+    _forget(library)
+    seen: list[str] = []
+
+    def hazard(name: str) -> str | None:
+        seen.append(name)
+        return "a thread was started"
+
+    done, found = import_manifest.import_learned("k", hazard)
+    assert found == "a thread was started" and len(seen) == 1 and done.modules == 1
 
 
 def test_a_half_written_manifest_is_never_seen(data_dir: Path, library: str) -> None:
