@@ -35,8 +35,9 @@ Recipe options (all optional)::
     chat_template       a Jinja chat template that replaces the tokenizer's own
 
 A GGUF file is converted once (de-quantized to float32) and cached under
-``workers.base.data_dir("llm")`` (see :mod:`workers.gguf_cache`); later loads read the
-cached copy in about a second. Without a template of its own, a tokenizer gets ChatML.
+``workers.base.data_dir("llm")`` (see :mod:`workers.gguf_cache`); later loads assign the
+cached copy's memory-mapped tensors straight to the model (:mod:`workers.own_checkpoint`),
+in well under a second. Without a template of its own, a tokenizer gets ChatML.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from workers import own_checkpoint
 from workers.base import (
     CallContext,
     LoadContext,
@@ -245,7 +247,12 @@ class CausalLMModel(Model):
         ctx.progress(0.9, f"loading {source}")
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
-            model: Any = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+            # A folder converted here has the model's own keys: assign them directly.
+            model: Any = (own_checkpoint.load(Path(source), AutoModelForCausalLM, dtype)
+                          if gguf is not None else None)
+            loader = "direct" if model is not None else "from_pretrained"
+            if model is None:
+                model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
         except OSError as e:
             raise _bad(f"cannot load llm {source!r}: {e}") from None
         model = model.to(device).eval()
@@ -268,6 +275,7 @@ class CausalLMModel(Model):
             "path": source,
             "gguf": str(gguf) if gguf is not None else None,
             "cache_used": cache_used,
+            "weights_loader": loader,
             "dtype": str(dtype).removeprefix("torch."),
             "parameters": sum(p.numel() for p in model.parameters()),
             "context": self._context,

@@ -97,6 +97,7 @@ async def test_second_load_uses_the_cache_and_hang_ups_stop_generating(
         took = time.monotonic() - started
     slot = manager.slots["smol"]
     assert slot.info["cache_used"] is True, slot.info
+    assert slot.info["weights_loader"] == "direct", "a converted folder skips from_pretrained"
     assert Path(slot.info["path"]).parent == data_dir / "llm"
     assert took < 60, f"a cached load took {took:.1f}s"
 
