@@ -38,6 +38,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
+from workers import direct_weights
 from workers.base import (
     CallContext,
     LoadContext,
@@ -163,9 +164,14 @@ class EmbeddingModel(Model):
 
         device = resolve_device(request.device)
         ctx.progress(0.2, f"loading {source}")
+        dtype = getattr(torch, dtype_name)
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
-            model: Any = AutoModel.from_pretrained(source, dtype=getattr(torch, dtype_name))
+            model: Any = (direct_weights.load(Path(source), AutoModel, dtype)
+                          if Path(source).is_dir() else None)
+            loader = "direct" if model is not None else "from_pretrained"
+            if model is None:
+                model = AutoModel.from_pretrained(source, dtype=dtype)
         except OSError as e:
             raise _bad(f"cannot load embedding model {source!r}: {e}") from None
         model = model.to(device).eval()
@@ -187,6 +193,7 @@ class EmbeddingModel(Model):
             "dimensions": self.dimensions,
             "max_seq_length": self.max_seq_length,
             "dtype": dtype_name,
+            "weights_loader": loader,
             "parameters": sum(p.numel() for p in model.parameters()),
             "load_seconds": round(time.monotonic() - started, 3),
         })

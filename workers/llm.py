@@ -36,7 +36,7 @@ Recipe options (all optional)::
 
 A GGUF file is converted once (de-quantized to float32) and cached under
 ``workers.base.data_dir("llm")`` (see :mod:`workers.gguf_cache`); later loads assign the
-cached copy's memory-mapped tensors straight to the model (:mod:`workers.own_checkpoint`),
+cached copy's memory-mapped tensors straight to the model (:mod:`workers.direct_weights`),
 in well under a second. Without a template of its own, a tokenizer gets ChatML.
 """
 
@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from workers import own_checkpoint
+from workers import direct_weights
 from workers.base import (
     CallContext,
     LoadContext,
@@ -248,7 +248,7 @@ class CausalLMModel(Model):
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
             # A folder converted here has the model's own keys: assign them directly.
-            model: Any = (own_checkpoint.load(Path(source), AutoModelForCausalLM, dtype)
+            model: Any = (direct_weights.load(Path(source), AutoModelForCausalLM, dtype)
                           if gguf is not None else None)
             loader = "direct" if model is not None else "from_pretrained"
             if model is None:

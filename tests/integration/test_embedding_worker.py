@@ -61,6 +61,7 @@ async def test_batches_keep_input_order_and_bad_arguments_are_400(
         assert math.isclose(dot, 1.0, abs_tol=1e-4), i
     slot = manager.slots["minilm"]
     assert slot.info["warmup_seconds"] is not None  # the warmup ran the encoder once
+    assert slot.info["weights_loader"] == "direct", "the bundled folder skips from_pretrained"
     for args, words in [
         ({"input": [1, 2]}, "input[0]"),
         ({"input": []}, "input"),

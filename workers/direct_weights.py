@@ -1,17 +1,21 @@
-"""Loading a model folder this project wrote itself, without ``from_pretrained``'s machinery.
+"""Loading a plain local checkpoint without ``from_pretrained``'s machinery.
 
 ``from_pretrained`` is built for every checkpoint ever published: it resolves files, builds
-key-renaming rules for old checkpoint layouts (about 1,200 regular expressions for a Llama),
-checks quantisation and sharding plans, then copies each tensor into a freshly initialised
-model. For SmolLM2-135M on this 2-core machine that is ~0.2 s in a process that has loaded
-the model before and ~1 s in a fresh one (the regex cache is cold). A folder written by
-:mod:`workers.gguf_cache` needs none of it: its keys are the model's own and its tensors are
-float32. So the model is built from its ``config.json`` with initialisation skipped, and the
-tensors of ``model.safetensors`` (memory-mapped) are assigned to it directly: ~0.08 s.
+key-renaming rules for old checkpoint layouts (about 1,200 regular expressions for a Llama or
+a BERT), checks quantisation and sharding plans, then copies each tensor into a freshly
+initialised model. On this 2-core machine that is ~0.2 s in a process that has loaded the
+model before and 0.5-1 s in a fresh one (the regex cache is cold), most of a forked worker's
+load. A local folder whose one ``model.safetensors`` holds exactly the model's own keys in
+float32 (the GGUF conversions of :mod:`workers.gguf_cache`, plain exports such as the bundled
+all-MiniLM-L6-v2) needs none of it: the model is built from its ``config.json`` with
+initialisation skipped, and the memory-mapped tensors are assigned to it directly (~0.08 s
+for SmolLM2-135M).
 
-Anything unexpected (a key the model does not have, a parameter left without a tensor that
-is not tied to one, another dtype, a helper missing from this ``transformers``) makes
-:func:`load` return ``None``, and the caller uses ``from_pretrained`` as before.
+Anything unexpected makes :func:`load` return ``None`` and the caller uses
+``from_pretrained``: a key the model does not have (other than a copy of one of its own
+non-persistent buffers, which older exports carry), a parameter left without a tensor that is
+not tied to one, a floating tensor that is not float32, another dtype asked for, or a helper
+missing from this ``transformers``.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ def load(folder: Path, auto_class: Any, dtype: Any) -> Any | None:
     from transformers import AutoConfig, GenerationConfig
 
     state = safetensors.torch.load_file(str(weights))
-    if any(t.dtype != torch.float32 for t in state.values()):
+    if any(t.is_floating_point() and t.dtype != torch.float32 for t in state.values()):
         return None
     config = AutoConfig.from_pretrained(str(folder))
     with no_init_weights():
@@ -53,10 +57,13 @@ def load(folder: Path, auto_class: Any, dtype: Any) -> Any | None:
     untied = [k for k in missing if k not in named or named[k].data_ptr() not in loaded]
     on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
                if t.device.type == "meta"]
+    buffers = dict(model.named_buffers())
+    unexpected = [k for k in unexpected
+                  if k not in buffers or buffers[k].shape != state[k].shape]
     if unexpected or untied or on_meta:
         log.info("%s does not fit the direct load (unexpected %s, missing %s, on meta %s); "
                  "using from_pretrained", folder, unexpected[:3], untied[:3], on_meta[:3])
         return None
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(folder))
-    return model
+    return model.eval()  # as from_pretrained returns it (dropout off)

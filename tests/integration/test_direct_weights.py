@@ -1,4 +1,4 @@
-"""The direct load of a folder this project converted (workers.own_checkpoint) gives the same
+"""The direct load of a folder this project converted (workers.direct_weights) gives the same
 model as ``from_pretrained``, and anything it does not expect sends it back to
 ``from_pretrained``. Run in a child process with a tiny real Llama, so the test process never
 imports torch."""
@@ -17,22 +17,24 @@ SCRIPT = textwrap.dedent('''
     from pathlib import Path
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-    from workers import own_checkpoint
+    from workers import direct_weights
 
     root = Path(sys.argv[1])
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=64, tie_word_embeddings=True)
+                         max_position_embeddings=64, tie_word_embeddings=True,
+                         attention_dropout=0.5)  # dropout shows a model left in training
     LlamaForCausalLM(config).save_pretrained(root / "good")
-    direct = own_checkpoint.load(root / "good", AutoModelForCausalLM, torch.float32)
+    direct = direct_weights.load(root / "good", AutoModelForCausalLM, torch.float32)
     assert direct is not None, "a folder of the model's own float32 keys loads directly"
     reference = AutoModelForCausalLM.from_pretrained(root / "good", dtype=torch.float32)
     ids = torch.tensor([[1, 5, 9, 2, 7]])
     with torch.inference_mode():
         assert torch.equal(direct(ids).logits, reference(ids).logits), "same logits"
     assert direct.lm_head.weight.data_ptr() == direct.model.embed_tokens.weight.data_ptr()
-    assert own_checkpoint.load(root / "good", AutoModelForCausalLM, torch.bfloat16) is None
+    assert not direct.training, "in eval mode, as from_pretrained returns a model"
+    assert direct_weights.load(root / "good", AutoModelForCausalLM, torch.bfloat16) is None
 
     def variant(name, change):
         folder = root / name
@@ -40,9 +42,13 @@ SCRIPT = textwrap.dedent('''
         state = load_file(folder / "model.safetensors")
         change(state)
         save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
-        return own_checkpoint.load(folder, AutoModelForCausalLM, torch.float32)
+        return direct_weights.load(folder, AutoModelForCausalLM, torch.float32)
 
     assert variant("extra", lambda s: s.update(stray=torch.zeros(2))) is None
+    # An old export's copy of a non-persistent buffer (BERT's position_ids) is fine.
+    buffer = next(n for n, b in direct.named_buffers() if n not in direct.state_dict())
+    shape = dict(direct.named_buffers())[buffer].shape
+    assert variant("buffer", lambda s: s.update({buffer: torch.zeros(shape)})) is not None
     assert variant("missing", lambda s: s.pop("model.norm.weight")) is None
     assert variant("half", lambda s: s.update(
         {k: v.half() for k, v in s.items() if k.endswith("norm.weight")})) is None
