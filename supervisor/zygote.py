@@ -141,6 +141,7 @@ class Zygote:
         self.import_s: float | None = None
         self.learned_modules = 0
         self.tainted = False
+        self.learning = False  # a "learn" is out and its "learned" has not come back
         self.unsafe: str | None = None
         self.forks = 0
         self.started_at: float | None = None
@@ -274,10 +275,12 @@ class Zygote:
         if self.alive and self.unsafe is None and self._control is not None:
             try:
                 send(self._control, encode("learn"))
+                self.learning = True
             except OSError as e:  # full or gone: the next worker's load teaches it again
                 log.debug("could not ask zygote %s to learn: %s", self.pid, e)
 
     def _learned(self, message: dict[str, Any]) -> None:
+        self.learning = False
         self.learned_modules += message["modules"]
         if message["modules"] or message["failed"]:
             log.info("zygote %s for kind %s imported %d modules its workers' loads use "
@@ -435,7 +438,8 @@ class Zygote:
             "kind": self.kind, "pid": self.pid if self.alive else None,
             "state": ("unsafe" if self.unsafe else "ready") if self.alive else "stopped",
             "unsafe_reason": self.unsafe, "import_seconds": self.import_s,
-            "learned_modules": self.learned_modules, "forks": self.forks,
+            "learned_modules": self.learned_modules, "learning": self.learning,
+            "forks": self.forks,
             "workers": self.workers, "rss_bytes": self.rss_bytes(),
             "idle_expires_in_s": None if expires_in is None else round(expires_in, 3),
         }

@@ -171,6 +171,7 @@ class Zygote:
     def _learn(self) -> None:
         """Queue what the kind's workers learned since the last time (see :meth:`serve`)."""
         if self.unsafe is not None:
+            self._report_learning(self.unsafe)
             return
         if self._to_learn:  # a round is under way: it reads the manifest again at its end
             self._learn_again = True
@@ -198,6 +199,7 @@ class Zygote:
             self._report_learning(hazard)
 
     def _report_learning(self, hazard: str | None) -> None:
+        """One ``learned`` answers every ``learn`` since the last one."""
         done = self._learning
         self.send(zygote_protocol.encode("learned", modules=done.modules, failed=done.failed,
                                          seconds=done.seconds, unsafe=hazard))
