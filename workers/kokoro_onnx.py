@@ -10,7 +10,7 @@ streamed answer starts after the first sentence, and a cancelled call stops betw
 Reloads are cheap: the G2P is built once per process (in the kind's zygote, so a forked
 worker starts with it: :func:`workers.english_g2p.shared_phonemizer`), the ONNX session is
 opened from ONNX Runtime's optimised graph cached in the data dir (:mod:`workers.ort_cache`),
-and the warmup is one forward pass of a single phoneme.
+and the warmup only runs the G2P once (see ``call``).
 
 Recipe options (all optional)::
 
@@ -189,11 +189,13 @@ class KokoroOnnxModel(Model):
         if op == "voices":
             return {"voices": sorted(self._voices), "default": self._default_voice}
         if op == WARMUP_OP:
-            # One forward pass of the shortest input sets up every kernel and ORT's memory
-            # arena once; a sentence would cost its whole synthesis for no more warmth.
-            token = self._vocab.get("ə", min(self._vocab.values()))
-            samples = self._run([token], self._style(None), 1.0)
-            return {"warmed_up": True, "samples": int(samples.size)}
+            # The G2P's first call only (spaCy's first document, ~12 ms). Not a forward
+            # pass: measured in forked workers on 2 cores, the first request after a load
+            # reaches its first audio byte in 0.88-0.97 s without any warmup and 0.91-1.09 s
+            # after a one-phoneme forward pass that itself took 0.41-0.48 s, so running the
+            # model warms nothing that a request does not pay for anyway.
+            phonemes = sum(len(c.phonemes) for c in self._g2p.chunks("Hello."))
+            return {"warmed_up": True, "phonemes": phonemes}
         if op != "speech":
             raise ModelError(ErrorCode.UNSUPPORTED,
                              f"kokoro-onnx supports ops speech, voices and warmup, not {op!r:.40}")
