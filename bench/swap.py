@@ -185,11 +185,41 @@ def main() -> None:
                             results[recipe.name][arm].append(value)
                 print(f"round {round_no}{' (not counted)' if round_no == 0 else ''} "
                       f"took {time.monotonic() - started:.0f}s", flush=True)
+            zygotes = zygote_memory(fork, chosen)
         finally:
             inprocess.stop()
             fork.stop()
             spawn.stop()
     report(chosen, results)
+    print_table("What the fork arm's zygotes hold after unloading everything (MiB), and what "
+                "each model's forked worker was charged (its USS)", ["zygote kind", "RSS",
+                "unique (USS)", "learned modules", "workers charged (MiB)"], zygotes)
+
+
+def zygote_memory(server: ServerProcess, chosen: list[Any]) -> list[list[Any]]:
+    """Per kind: the zygote's RSS and USS with no worker left, and the measured cost (USS)
+    of each of its models' last forked worker."""
+    import psutil
+
+    charged: dict[str, list[str]] = {}
+    for recipe in chosen:
+        row = server.model_row(recipe.name)
+        cost = row.get("memory_estimate_bytes")  # the measured cost once it has loaded
+        if cost:
+            charged.setdefault(recipe.kind, []).append(f"{recipe.name} {cost / 2**20:.0f}")
+    server.request("POST", "/api/v1/unload", {})
+    rows = []
+    for zygote in server.request("GET", "/api/v1/status")["server"].get("zygotes") or []:
+        if zygote["pid"] is None:
+            continue
+        try:
+            info = psutil.Process(zygote["pid"]).memory_full_info()
+        except psutil.Error:
+            continue
+        rows.append([zygote["kind"], info.rss / 2**20, info.uss / 2**20,
+                     zygote.get("learned_modules", 0),
+                     ", ".join(charged.get(zygote["kind"], [])) or "-"])
+    return rows
 
 
 def _median(rows: list[dict[str, Any]], key: str) -> float:
