@@ -17,7 +17,7 @@ and warmup imported, and its zygote imports the same:
   says a worker finished loading (``learn`` on the control socket), then one module at a
   time between its other work (:func:`pending`, :func:`import_one`), so that it keeps
   forking and reaping meanwhile; modules already imported cost nothing, and one that no
-  longer imports (a library was upgraded) is skipped.
+  longer imports (a library was upgraded) is skipped and dropped from the manifest.
 
 A manifest that is not valid JSON of the expected shape, or that was written by another
 Python version, is ignored and rewritten by the next worker. A module whose import makes
@@ -151,15 +151,32 @@ def import_learned(kind: str, hazard: Callable[[str], str | None] = lambda _name
     """Import every pending module, asking ``hazard(name)`` after each; stops at the first
     hazard and returns it (the process must then not fork)."""
     done = Learning()
+    failed: list[str] = []
+    found: str | None = None
     for name in pending(kind):
         if import_one(name):
             done.modules += 1
         else:
-            done.failed += 1
+            failed.append(name)
         found = hazard(name)
         if found is not None:
-            return done, found
-    return done, None
+            break
+    done.failed = len(failed)
+    if found is None:
+        forget(kind, failed)
+    return done, found
+
+
+def forget(kind: str, names: Iterable[str]) -> None:
+    """Drop modules that no longer import (a library was upgraded) from the manifest."""
+    gone = set(names)
+    if not gone:
+        return
+    try:
+        kept = [name for name in read(kind) if name not in gone]
+        _write(manifest_path(kind), {"format": FORMAT, "python": _python(), "modules": kept})
+    except OSError as e:
+        log.warning("could not update %s: %s", manifest_path(kind), e)
 
 
 def set_aside(kind: str, reason: str) -> Path:

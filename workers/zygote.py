@@ -187,6 +187,7 @@ class Zygote:
             self._learning.modules += 1
         else:
             self._learning.failed += 1
+            import_manifest.forget(self.kind, [name])
         hazard = learned_import_hazard(self.kind, name)
         if hazard is not None:
             self.unsafe = hazard

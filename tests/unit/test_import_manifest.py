@@ -61,6 +61,8 @@ def test_modules_that_no_longer_import_are_skipped(data_dir: Path, library: str)
     source.unlink()  # the library was upgraded and the module is gone
     done, _ = import_manifest.import_learned("k")
     assert done.failed == 1
+    assert f"{library}.models" not in import_manifest.read("k"), "dropped from the manifest"
+    assert library in import_manifest.read("k")
     assert f"{library}.models" not in sys.modules
 
 
