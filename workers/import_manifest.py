@@ -145,26 +145,27 @@ class Learning:
     def seconds(self) -> float:
         return time.perf_counter() - self.started
 
+    def take(self, kind: str, name: str, hazard: Callable[[str], str | None]) -> str | None:
+        """Import one learned module, count it (one that no longer imports is dropped from
+        the manifest), then ask ``hazard(name)``: why forking is now unsafe, or None."""
+        if import_one(name):
+            self.modules += 1
+        else:
+            self.failed += 1
+            forget(kind, [name])
+        return hazard(name)
+
 
 def import_learned(kind: str, hazard: Callable[[str], str | None] = lambda _name: None,
                    ) -> tuple[Learning, str | None]:
     """Import every pending module, asking ``hazard(name)`` after each; stops at the first
     hazard and returns it (the process must then not fork)."""
     done = Learning()
-    failed: list[str] = []
-    found: str | None = None
     for name in pending(kind):
-        if import_one(name):
-            done.modules += 1
-        else:
-            failed.append(name)
-        found = hazard(name)
+        found = done.take(kind, name, hazard)
         if found is not None:
-            break
-    done.failed = len(failed)
-    if found is None:
-        forget(kind, failed)
-    return done, found
+            return done, found
+    return done, None
 
 
 def forget(kind: str, names: Iterable[str]) -> None:

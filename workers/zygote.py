@@ -182,13 +182,8 @@ class Zygote:
             self._report_learning(None)
 
     def _learn_next(self) -> None:
-        name = self._to_learn.popleft()
-        if import_manifest.import_one(name):
-            self._learning.modules += 1
-        else:
-            self._learning.failed += 1
-            import_manifest.forget(self.kind, [name])
-        hazard = learned_import_hazard(self.kind, name)
+        hazard = self._learning.take(self.kind, self._to_learn.popleft(),
+                                     lambda name: learned_import_hazard(self.kind, name))
         if hazard is not None:
             self.unsafe = hazard
             self._to_learn.clear()

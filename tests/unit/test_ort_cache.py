@@ -73,11 +73,15 @@ def test_a_changed_source_gets_a_new_graph_and_the_old_one_goes(
     assert session.get_inputs()[0].shape == [3, 2], "the new source's graph"
 
 
-def test_the_key_follows_the_library_version_and_the_cpu(source: Path) -> None:
+def test_the_key_follows_the_library_version_and_the_cpu(
+    source: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
     key = ort_cache.cache_key(source, "1.20.0", CPU, "ORT_ENABLE_ALL")
     assert key != ort_cache.cache_key(source, "1.21.0", CPU, "ORT_ENABLE_ALL")
     assert key != ort_cache.cache_key(source, "1.20.0", CPU, "ORT_ENABLE_BASIC")
-    assert ort_cache.cpu_signature(), "the CPU is part of the key"
+    monkeypatch.setattr(ort_cache, "cpu_signature", lambda: "another CPU | flags=sse2")
+    assert key != ort_cache.cache_key(source, "1.20.0", CPU, "ORT_ENABLE_ALL"), (
+        "a graph optimised for one CPU must not be opened on another")
 
 
 @pytest.mark.parametrize("damage", ["flip_byte", "truncate", "no_checksum", "garbage"])
