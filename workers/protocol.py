@@ -29,6 +29,7 @@ BUILTIN_KINDS: Mapping[str, str | None] = {
     "synthetic": "tts",
     "kokoro": "tts",
     "kokoro-onnx": "tts",
+    "hibari": "tts",
     "llm": "llm",
     "embedding": "embedding",
     "asr": "asr",

@@ -23,6 +23,7 @@ BUILTIN: Mapping[str, str] = MappingProxyType({
     "synthetic": "workers.synthetic:SyntheticModel",
     "kokoro": "workers.kokoro_tts:KokoroModel",
     "kokoro-onnx": "workers.kokoro_onnx:KokoroOnnxModel",
+    "hibari": "workers.hibari_tts:HibariModel",
     "llm": "workers.llm:CausalLMModel",
     "embedding": "workers.embedding:EmbeddingModel",
     "asr": "workers.asr:WhisperModel",
