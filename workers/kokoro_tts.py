@@ -50,20 +50,15 @@ from workers.english_g2p import EnglishPhonemizer, shared_phonemizer
 from workers.gpu_memory import torch_vram_bytes
 from workers.protocol import WARMUP_OP, ErrorCode
 from workers.speech import SpeechRequest, deliver, parse_speech_args
+from workers.voice_catalog import KOKORO_DEFAULT_VOICE
+from workers.voice_catalog import KOKORO_ENGLISH_VOICES as ENGLISH_VOICES
 from workers.voice_spec import parse_voice_spec
 
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 24000
-DEFAULT_VOICE = "af_heart"
+DEFAULT_VOICE = KOKORO_DEFAULT_VOICE
 SHIPPED_CONFIG = Path(__file__).with_name("data") / "kokoro-82m-config.json"
-#: Kokoro-82M's English voices; with random weights each gets a seeded random style pack.
-ENGLISH_VOICES: tuple[str, ...] = (
-    "af_alloy", "af_aoede", "af_bella", "af_heart", "af_jessica", "af_kore", "af_nicole",
-    "af_nova", "af_river", "af_sarah", "af_sky", "am_adam", "am_echo", "am_eric", "am_fenrir",
-    "am_liam", "am_michael", "am_onyx", "am_puck", "am_santa", "bf_alice", "bf_emma",
-    "bf_isabella", "bf_lily", "bm_daniel", "bm_fable", "bm_george", "bm_lewis",
-)
 #: A style pack holds one 256-float style per phoneme count (1..510).
 _PACK_SHAPE = (510, 1, 256)
 _OPTIONS = ("weights", "config", "voices_dir", "voice", "lang", "g2p", "seed")

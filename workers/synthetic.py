@@ -87,8 +87,9 @@ from workers.base import (
 )
 from workers.protocol import WARMUP_OP, Chunk, ErrorCode, encode
 from workers.runtime import flush_from_thread, send_raw_from_thread
+from workers.voice_catalog import SYNTHETIC_VOICES
 
-VOICES: Mapping[str, float] = {"tone": 440.0, "low": 220.0, "high": 880.0}
+VOICES: Mapping[str, float] = SYNTHETIC_VOICES
 FORMATS: tuple[str, ...] = ("wav", "pcm")
 SECONDS_PER_CHAR = 0.06
 MIN_SECONDS = 0.2

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 from aiohttp import web
 
 from supervisor.api.body import read_body
 from supervisor.api.keys import MANAGER, STARTED_AT
 from supervisor.errors import BadRequest, LemonadeError, WorkerFailed
+from supervisor.lifecycle import State
 from supervisor.manager import Manager
+from workers.voice_catalog import static_voices
 
 log = logging.getLogger(__name__)
 
@@ -116,12 +119,20 @@ async def speech(request: web.Request) -> web.StreamResponse:
 async def voices(request: web.Request) -> web.Response:
     """The voices a speech model offers (``?model=NAME``; default: the default model).
 
-    The list comes from the worker, so it is what the loaded weights really have; asking
-    loads the model if it is not resident, like any other request for it.
+    A loaded model is asked (its worker knows what its weights really have). A model that is
+    not loaded is answered from the files on disk (:mod:`workers.voice_catalog`) without
+    loading it, so a client filling a voice menu never evicts anybody; only a kind the
+    catalog does not know (a plugin) is loaded to ask it.
     """
     manager = request.app[MANAGER]
     model = request.query.get("model") or _default_tts_model(manager)
     require_model_type(manager, model, "tts", request.path)
+    slot = manager.slot(model)
+    if slot.state is not State.READY:
+        known = static_voices(slot.recipe.kind, slot.recipe.options,
+                              Path(manager.settings.data_dir))
+        if known is not None:
+            return _voices_response(model, known.names, known.default, loaded=False)
     async with manager.use(model) as lease:
         call = lease.channel.call("voices", {}, timeout_s=manager.settings.call_timeout_s)
         async with call:
@@ -130,10 +141,18 @@ async def voices(request: web.Request) -> web.Response:
     names = result.get("voices")
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise WorkerFailed(f"worker for '{model}' sent a malformed voice list")
+    default = result.get("default")
+    return _voices_response(model, names, default if isinstance(default, str) else None,
+                            loaded=True)
+
+
+def _voices_response(model: str, names: list[str], default: str | None, *,
+                     loaded: bool) -> web.Response:
     return web.json_response({
         "model": model,
         "voices": names,
-        "default": result.get("default"),
+        "default": default,
+        "loaded": loaded,
         "data": [{"id": name, "name": name, "object": "voice"} for name in names],
     })
 

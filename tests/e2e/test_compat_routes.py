@@ -115,6 +115,20 @@ def test_voices_lists_what_the_worker_has(start_server):
     assert server.get("/v1/audio/voices").json()["model"] == "tone"
 
 
+def test_voices_of_a_model_that_is_not_loaded_do_not_load_it(start_server):
+    server = start_server(CONFIG)
+    data = server.get("/v1/audio/voices?model=other").json()
+    assert data["loaded"] is False and data["voices"] == ["high", "low", "tone"]
+    assert server.worker_pids() == []
+    assert server.model("other")["state"] == "unloaded"
+    # Once it is loaded its worker answers, with the same list.
+    server.load("other")
+    pid = server.model("other")["pid"]
+    loaded = server.get("/v1/audio/voices?model=other").json()
+    assert loaded["loaded"] is True and loaded["voices"] == data["voices"]
+    assert server.worker_pids() == [pid]
+
+
 @pytest.mark.parametrize(("query", "status", "words"), [
     ("?model=nope", 404, "nope"),
     ("?model=../etc", 404, "../etc"),

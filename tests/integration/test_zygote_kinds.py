@@ -20,6 +20,7 @@ from tests.integration.conftest import ManagerFactory
 KINDS: list[tuple[str, str, dict[str, Any]]] = [
     ("synthetic", "tts", {}),
     ("kokoro-onnx", "tts", {}),
+    ("hibari", "tts", {}),
     ("kokoro", "tts", {"weights": "random"}),
     ("llm", "llm", {}),
     ("embedding", "embedding", {}),
