@@ -45,6 +45,7 @@ from supervisor.config_values import (
     parse_zygotes,
 )
 from supervisor.units import parse_size
+from workers import registry
 from workers.protocol import BUILTIN_KINDS, MODEL_TYPES
 
 __all__ = [
@@ -319,6 +320,21 @@ def _model_type(table: Mapping[str, Any], options: Mapping[str, Any], kind: str,
     return str(type_)
 
 
+def _check_recipe_options(kind: str, options: Mapping[str, Any], at: str) -> None:
+    """Check the options against the kind's declared spec, so a typo fails the start, not
+    the first request. A plugin kind that declares no spec is left to its own ``load``."""
+    try:
+        spec = registry.option_spec(kind)
+    except (ImportError, AttributeError, TypeError) as exc:
+        raise ConfigError(f"{at} recipe: the option spec of worker kind {kind!r} cannot be "
+                          f"loaded: {type(exc).__name__}: {exc}") from None
+    if spec is None:
+        return
+    problem = spec.problem(options)
+    if problem is not None:
+        raise ConfigError(f"{at} options: {problem}")
+
+
 def _parse_model(name: str, raw: Any, path: str, kinds: Callable[[], tuple[str, ...]]) -> Recipe:
     at = f"{path}: [models.{name}]"
     if not MODEL_NAME_RE.match(name):
@@ -338,6 +354,7 @@ def _parse_model(name: str, raw: Any, path: str, kinds: Callable[[], tuple[str, 
 
     options = _table(table.get("options", {}), f"{at} options")
     _check_option_values(options, f"{at} options")
+    _check_recipe_options(kind, options, at)
     type_ = _model_type(table, options, kind, at)
 
     device = table.get("device", "auto")

@@ -31,6 +31,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
+from workers import recipe_options
 from workers.asr_decode import SAMPLE_RATE, decode_upload, describe
 from workers.base import (
     CallContext,
@@ -39,14 +40,12 @@ from workers.base import (
     LoadResult,
     Model,
     ModelError,
-    check_options,
     invalid,
 )
 from workers.ort_setup import import_onnxruntime
 from workers.protocol import WARMUP_OP, ErrorCode
 
-_OPTIONS = ("model", "compute_type", "threads", "beam_size", "max_audio_seconds", "vad_filter",
-            "type")
+_OPTIONS = recipe_options.ASR  # the one list: the supervisor checks recipes with it too
 _LANGUAGE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz")
 MAX_PROMPT_CHARS = 4096
 DEFAULT_MAX_AUDIO_SECONDS = 7200.0
@@ -118,7 +117,7 @@ class WhisperModel(Model):
 
     def load(self, request: LoadRequest, ctx: LoadContext) -> LoadResult:
         options = request.options
-        check_options("asr", options, _OPTIONS)
+        _OPTIONS.check(options)
         if options.get("type", "asr") != "asr":
             raise _bad("asr kind serves only type 'asr'")
         source, local = _resolve_model(options)

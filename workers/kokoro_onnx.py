@@ -37,6 +37,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from workers import recipe_options
 from workers.base import (
     CallContext,
     LoadContext,
@@ -44,7 +45,6 @@ from workers.base import (
     LoadResult,
     Model,
     ModelError,
-    check_options,
     data_dir,
 )
 from workers.english_g2p import BACKENDS as G2P_BACKENDS
@@ -59,7 +59,7 @@ SAMPLE_RATE = 24000
 MAX_TOKENS = 510
 DEFAULT_VOICE = "jf_alpha"
 DEFAULT_G2P = "hibari"
-_OPTIONS = ("model", "voices", "voice", "threads", "g2p", "british", "type")
+_OPTIONS = recipe_options.KOKORO_ONNX  # the one list: the supervisor checks recipes with it
 
 
 def _bad(message: str) -> ModelError:
@@ -106,7 +106,7 @@ class KokoroOnnxModel(Model):
 
     def load(self, request: LoadRequest, ctx: LoadContext) -> LoadResult:
         options = request.options
-        check_options("kokoro-onnx", options, _OPTIONS)
+        _OPTIONS.check(options)
         if options.get("type", "tts") != "tts":
             raise _bad("kokoro-onnx kind serves only type 'tts'")
         threads = options.get("threads", min(4, os.cpu_count() or 1))

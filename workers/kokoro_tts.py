@@ -36,6 +36,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
+from workers import recipe_options
 from workers.base import (
     CallContext,
     LoadContext,
@@ -43,7 +44,6 @@ from workers.base import (
     LoadResult,
     Model,
     ModelError,
-    check_options,
     data_dir,
 )
 from workers.english_g2p import EnglishPhonemizer, shared_phonemizer
@@ -61,7 +61,7 @@ DEFAULT_VOICE = KOKORO_DEFAULT_VOICE
 SHIPPED_CONFIG = Path(__file__).with_name("data") / "kokoro-82m-config.json"
 #: A style pack holds one 256-float style per phoneme count (1..510).
 _PACK_SHAPE = (510, 1, 256)
-_OPTIONS = ("weights", "config", "voices_dir", "voice", "lang", "g2p", "seed")
+_OPTIONS = recipe_options.KOKORO  # the one list: the supervisor checks recipes with it too
 _REPO_ID = "hexgrad/Kokoro-82M"
 
 
@@ -94,7 +94,7 @@ class KokoroModel(Model):
 
     def load(self, request: LoadRequest, ctx: LoadContext) -> LoadResult:
         options = dict(request.options)
-        check_options("kokoro", options, _OPTIONS)
+        _OPTIONS.check(options)
         lang = str(options.get("lang", "a"))
         if lang not in ("a", "b"):
             raise _bad_config(

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from workers import direct_weights
+from workers import direct_weights, recipe_options
 from workers.base import (
     CallContext,
     LoadContext,
@@ -60,7 +60,6 @@ from workers.base import (
     LoadResult,
     Model,
     ModelError,
-    check_options,
     data_dir,
     invalid,
 )
@@ -75,8 +74,8 @@ MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 256
 MAX_MESSAGES = 4096
 ROLES = ("system", "developer", "user", "assistant")
-_OPTIONS = ("type", "model", "gguf_file", "dtype", "default_max_tokens", "max_context",
-            "chat_template")
+#: Declared in workers/recipe_options.py (LLM): the supervisor checks recipes with it too.
+_OPTIONS = recipe_options.LLM
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _MAX_SEED = 2**63 - 1
 
@@ -212,7 +211,7 @@ class CausalLMModel(Model):
 
     def load(self, request: LoadRequest, ctx: LoadContext) -> LoadResult:
         options = request.options
-        check_options("llm", options, _OPTIONS)
+        _OPTIONS.check(options)
         if options.get("type", "llm") != "llm" or request.type != "llm":
             raise _bad("the llm kind serves only the 'llm' type")
         dtype_name = options.get("dtype", "auto")

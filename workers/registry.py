@@ -5,6 +5,21 @@ into a :class:`workers.base.Model` subclass. Kinds that ship with the project ar
 :data:`BUILTIN`; third-party packages add theirs through the ``lemonade.workers`` entry-point
 group. Only the one kind a worker needs is imported, and only when asked for, so listing the
 kinds never pulls in torch or any other heavy model library.
+
+Each kind's recipe options are declared as a :class:`workers.options.OptionSpec` that lives
+in a light module, so the supervisor can check every recipe when its config loads without
+importing the kind. Builtin specs are in :mod:`workers.recipe_options` (see
+:data:`BUILTIN_OPTIONS`). A plugin declares its spec through the ``lemonade.worker_options``
+entry-point group, under the same name as its kind, pointing at an ``OptionSpec`` in a module
+that is cheap to import::
+
+    [project.entry-points."lemonade.workers"]
+    mykind = "mypkg.model:MyModel"
+    [project.entry-points."lemonade.worker_options"]
+    mykind = "mypkg.options:OPTIONS"
+
+A plugin that declares none is not checked at start-up (its ``load`` alone judges its
+options, at first use).
 """
 
 from __future__ import annotations
@@ -15,8 +30,10 @@ from importlib.metadata import entry_points
 from types import MappingProxyType
 
 from workers.base import Model
+from workers.options import OptionSpec
 
 ENTRY_POINT_GROUP = "lemonade.workers"
+OPTIONS_ENTRY_POINT_GROUP = "lemonade.worker_options"
 
 #: Kinds that ship with the project: name -> ``"module:attribute"``.
 BUILTIN: Mapping[str, str] = MappingProxyType({
@@ -27,6 +44,17 @@ BUILTIN: Mapping[str, str] = MappingProxyType({
     "llm": "workers.llm:CausalLMModel",
     "embedding": "workers.embedding:EmbeddingModel",
     "asr": "workers.asr:WhisperModel",
+})
+
+#: Where each builtin kind's option spec lives: name -> ``"module:attribute"`` (light modules).
+BUILTIN_OPTIONS: Mapping[str, str] = MappingProxyType({
+    "synthetic": "workers.recipe_options:SYNTHETIC",
+    "kokoro": "workers.recipe_options:KOKORO",
+    "kokoro-onnx": "workers.recipe_options:KOKORO_ONNX",
+    "hibari": "workers.recipe_options:HIBARI",
+    "llm": "workers.recipe_options:LLM",
+    "embedding": "workers.recipe_options:EMBEDDING",
+    "asr": "workers.recipe_options:ASR",
 })
 
 
@@ -51,6 +79,38 @@ def available() -> dict[str, str]:
     return dict(sorted(found.items()))
 
 
+def _load_target(kind: str, target: str) -> object:
+    module_name, _, attribute = target.partition(":")
+    # Entry-point values may carry extras ("pkg.mod:Cls [gpu]"); they do not matter here.
+    attribute = attribute.split("[", 1)[0].strip()
+    if not module_name.strip() or not attribute:
+        raise ImportError(f"worker kind {kind!r} has a malformed target {target!r}")
+    obj: object = importlib.import_module(module_name.strip())
+    for part in attribute.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def option_spec(kind: str) -> OptionSpec | None:
+    """The declared recipe options of ``kind``, or None when it declares none (a plugin).
+
+    Imports only the module that holds the spec, never the kind's own module (for a
+    builtin kind). Raises ``ImportError``/``AttributeError`` when a declared spec cannot be
+    loaded and ``TypeError`` when it is not an :class:`OptionSpec`.
+    """
+    target = BUILTIN_OPTIONS.get(kind)
+    if target is None and kind not in BUILTIN:
+        found = [ep for ep in entry_points(group=OPTIONS_ENTRY_POINT_GROUP) if ep.name == kind]
+        target = found[0].value if found else None
+    if target is None:
+        return None
+    spec = _load_target(kind, target)
+    if not isinstance(spec, OptionSpec):
+        raise TypeError(f"the options of worker kind {kind!r} point at {target!r}, which is "
+                        "not a workers.options.OptionSpec")
+    return spec
+
+
 def resolve(kind: str) -> type[Model]:
     """Import and return the class for ``kind``.
 
@@ -62,14 +122,7 @@ def resolve(kind: str) -> type[Model]:
     target = kinds.get(kind)
     if target is None:
         raise UnknownKindError(kind, list(kinds))
-    module_name, _, attribute = target.partition(":")
-    # Entry-point values may carry extras ("pkg.mod:Cls [gpu]"); they do not matter here.
-    attribute = attribute.split("[", 1)[0].strip()
-    if not module_name.strip() or not attribute:
-        raise ImportError(f"worker kind {kind!r} has a malformed target {target!r}")
-    obj: object = importlib.import_module(module_name.strip())
-    for part in attribute.split("."):
-        obj = getattr(obj, part)
+    obj = _load_target(kind, target)
     if not isinstance(obj, type) or not issubclass(obj, Model):
         raise TypeError(f"worker kind {kind!r} points at {target!r}, which is not a Model class")
     return obj

@@ -74,7 +74,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from workers import synthetic_imports
+from workers import recipe_options, synthetic_imports
 from workers.base import (
     CallContext,
     LoadContext,
@@ -82,7 +82,6 @@ from workers.base import (
     LoadResult,
     Model,
     ModelError,
-    check_options,
     invalid,
 )
 from workers.protocol import WARMUP_OP, Chunk, ErrorCode, encode
@@ -102,45 +101,10 @@ _FADE_SECONDS = 0.01
 _PROGRESS_EVERY_S = 0.1
 _MIB = 1024 * 1024
 
-_OPTIONS = (
-    "type",
-    "load_seconds",
-    "memory_mb",
-    "latency_ms",
-    "chunks",
-    "fail_load",
-    "crash_on_call",
-    "sample_rate",
-    "progress",
-    "fault",
-    "fault_after_chunks",
-    "fault_delay_ms",
-    "flood_chunks",
-    "flood_chunk_bytes",
-    "lazy_import",
-)
-
-LOAD_FAULTS = (
-    "crash_on_load",
-    "oom_on_load",
-    "hang_on_load",
-    "hang_after_load",
-    "fork_grandchild",
-    "ignore_sigterm",
-)
-CALL_FAULTS = (
-    "segfault_mid_call",
-    "sigkill_mid_call",
-    "hang_mid_call",
-    "garbage_mid_call",
-    "oversize_mid_call",
-    "bomb_mid_call",
-    "truncated_mid_call",
-    "wrong_id_mid_call",
-    "oom_mid_call",
-    "late_reply",
-    "flood",
-)
+#: Declared in workers/recipe_options.py: the supervisor checks recipes with the same spec.
+_OPTIONS = recipe_options.SYNTHETIC
+LOAD_FAULTS = recipe_options.SYNTHETIC_LOAD_FAULTS
+CALL_FAULTS = recipe_options.SYNTHETIC_CALL_FAULTS
 FAULTS = ("none", *LOAD_FAULTS, *CALL_FAULTS)
 CRASH_ON_LOAD_EXIT = 17
 #: An id no supervisor hands out this early (they count up from 1).
@@ -196,7 +160,7 @@ class SyntheticConfig:
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any], default_type: str) -> SyntheticConfig:
-        check_options("synthetic", options, _OPTIONS)
+        _OPTIONS.check(options)
         model_type = options.get("type", default_type)
         if not isinstance(model_type, str):
             raise _bad(f"synthetic option 'type' must be a string, got {model_type!r:.60}")

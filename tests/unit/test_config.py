@@ -448,7 +448,7 @@ KOKORO = """
 exclusive = true
 
 [models.kokoro]
-recipe = "synthetic"
+recipe = "generic"  # a kind with no declared option spec: its options pass through as they are
 device = "cuda:0"
 idle_timeout = "2m"
 type = "tts"
@@ -473,7 +473,7 @@ def test_full_model_table(tmp_path: Path) -> None:
     assert s.groups == {"gpu": Group(name="gpu", exclusive=True)}
     assert s.models["kokoro"] == Recipe(
         name="kokoro",
-        kind="synthetic",
+        kind="generic",
         type="tts",
         device="cuda:0",
         idle_timeout_s=120.0,
@@ -594,13 +594,13 @@ def test_known_kinds_uses_real_entry_point_group(monkeypatch: pytest.MonkeyPatch
 
 
 def test_type_explicit_beats_options_and_kind(tmp_path: Path) -> None:
-    text = '[models.a]\nrecipe = "synthetic"\ntype = "llm"\noptions = { type = "asr" }\n'
+    text = '[models.a]\nrecipe = "generic"\ntype = "llm"\noptions = { type = "asr" }\n'
     recipe = load(tmp_path, text).models["a"]
     assert recipe.type == "llm" and recipe.priority == 0
 
 
 def test_type_from_options_beats_kind(tmp_path: Path) -> None:
-    text = '[models.a]\nrecipe = "synthetic"\noptions = { type = "embedding" }\n'
+    text = '[models.a]\nrecipe = "generic"\noptions = { type = "embedding" }\n'
     recipe = load(tmp_path, text).models["a"]
     assert recipe.type == "embedding" and recipe.priority == 1
     assert recipe.options == {"type": "embedding"}

@@ -19,10 +19,10 @@ def load(options: dict[str, Any], device: str = "cpu") -> None:
 
 
 @pytest.mark.parametrize(("options", "words"), [
-    ({"weigths": "random"}, "unknown kokoro option(s) 'weigths'"),
-    ({"lang": "fr"}, "option lang"),
-    ({"g2p": "festival"}, "option g2p"),
-    ({"seed": "zero"}, "option seed"),
+    ({"weigths": "random"}, "unknown kokoro option 'weigths' (did you mean 'weights'?)"),
+    ({"lang": "fr"}, "option 'lang' must be one of 'a', 'b'"),
+    ({"g2p": "festival"}, "option 'g2p' must be one of"),
+    ({"seed": "zero"}, "option 'seed' must be an integer"),
     ({"weights": "/no/such/kokoro-v1_0.pth"}, "weights: no file at /no/such/kokoro-v1_0.pth"),
     ({"config": "/no/such/config.json"}, "option config: no file at /no/such/config.json"),
 ])
