@@ -75,13 +75,24 @@ def serve(**options: Any) -> None:
     try:
         settings = load_settings(cli=cli, env=os.environ)
     except ConfigError as e:
-        raise click.ClickException(str(e)) from None
+        raise _CannotStart(str(e)) from None
     logging.basicConfig(level=settings.log_level.upper(), format=_LOG_FORMAT, stream=sys.stderr)
     os.environ["LEMONADE_LOG_LEVEL"] = settings.log_level  # workers log at the same level
+    from supervisor.server import StartupError
     from supervisor.server import serve as run_server  # keeps client commands light to start
     from workers import event_loop
 
-    event_loop.run(run_server(settings))
+    try:
+        event_loop.run(run_server(settings))
+    except StartupError as e:  # a port in use, an unwritable data dir: one line, no traceback
+        raise _CannotStart(str(e)) from None
+
+
+class _CannotStart(click.ClickException):
+    """``lemonade: <one line>`` on stderr and exit status 1: the server did not start."""
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"lemonade: {self.format_message()}", err=True)
 
 
 # ===================================================================== client commands

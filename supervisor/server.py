@@ -3,26 +3,43 @@
 Order matters: stop accepting connections, let handlers finish (bounded), then retire every
 worker (the manager's cleanup), so no worker outlives the server. The real listening address
 is logged, which matters when port 0 asked the kernel to pick one.
+
+What can be checked before anything starts is checked first, and fails as one line
+(:class:`supervisor.rundir.StartupError`, shown by the CLI without a traceback): the data dir
+must be writable and the port free. The port is probed before the app starts, so a second
+``lemonade serve`` on a taken port starts no zygote and no preload before it gives up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
+import socket
+from pathlib import Path
 
 from aiohttp import web
 
 from supervisor.api.app import create_app
 from supervisor.config import Settings
+from supervisor.rundir import StartupError, prepare_data_dir
+from workers import proctitle
 
 log = logging.getLogger(__name__)
 
 #: How long in-flight HTTP requests get to finish when the server is asked to stop.
 SHUTDOWN_TIMEOUT_S = 10.0
 
+__all__ = ["SHUTDOWN_TIMEOUT_S", "StartupError", "serve"]
+
 
 async def serve(settings: Settings) -> None:
+    proctitle.server()
+    prepare_data_dir(settings.data_dir)
+    _probe_port(settings.host, settings.port)
+    if settings.config_path is None:
+        log.warning("%s", _no_config_line(settings))
     app = create_app(settings)
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=SHUTDOWN_TIMEOUT_S,
                            access_log=None)
@@ -33,7 +50,10 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         site = web.TCPSite(runner, settings.host, settings.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as e:  # lost a race with another process since the probe, or the probe
+            raise StartupError(_listen_line(settings.host, settings.port, e)) from None
         for address in runner.addresses:
             host, port = address[0], address[1]
             shown = f"[{host}]" if ":" in host else host
@@ -42,6 +62,54 @@ async def serve(settings: Settings) -> None:
         log.info("shutting down: finishing requests, then stopping every worker")
     finally:
         await runner.cleanup()
+
+
+def _probe_port(host: str, port: int) -> None:
+    """Fail now if ``host:port`` cannot be bound: in use, or not ours to take.
+
+    Binds each address the host resolves to with the options asyncio's server uses
+    (``SO_REUSEADDR``, v6-only), then lets go. Other errors (an address family the machine
+    lacks) are left to the real bind, which knows which of them to skip.
+    """
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return  # the real bind reports a name that does not resolve
+    for family, type_, proto, _, address in infos:
+        with socket.socket(family, type_, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind(address)
+            except OSError as e:
+                if e.errno in (errno.EADDRINUSE, errno.EACCES):
+                    raise StartupError(_listen_line(host, port, e)) from None
+
+
+def _listen_line(host: str, port: int, error: OSError) -> str:
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if error.errno == errno.EADDRINUSE:
+        return (f"cannot listen on {shown}: address already in use "
+                "(is another server running? pick another with --port)")
+    if error.errno == errno.EACCES:
+        return (f"cannot listen on {shown}: permission denied "
+                "(ports below 1024 need privileges; pick another with --port)")
+    if error.errno == errno.EADDRNOTAVAIL:
+        return (f"cannot listen on {shown}: address not available "
+                "(is it an address of this machine? pick another with --host)")
+    reason = (error.strerror or str(error)).lower()
+    return f"cannot listen on {shown}: {reason}"
+
+
+def _no_config_line(settings: Settings) -> str:
+    looked = Path.cwd() / "lemonade.toml"
+    start = (f"starting with the {len(settings.models)} model(s) of the recipe files"
+             if settings.models else "starting with no models")
+    return (f"no config file found: no --config, no LEMONADE_CONFIG, and no {looked}; "
+            f"{start}")
 
 
 def _models_line(settings: Settings) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from workers import runtime
+from workers import proctitle, runtime
 
 
 def _positive_int(text: str) -> int:
@@ -40,6 +40,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def cli(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    proctitle.worker(None, args.kind)  # the model's name comes with the load request
     runtime.setup_logging()
     return runtime.main(
         socket_path=args.socket,

@@ -46,7 +46,7 @@ from typing import Any, NoReturn, TypeVar
 
 import psutil
 
-from workers import event_loop, import_manifest, registry
+from workers import event_loop, import_manifest, proctitle, registry
 from workers.base import (
     CallContext,
     Cancelled,
@@ -153,18 +153,39 @@ def harden_process() -> None:
         log.warning("could not disable core dumps: %s", e)
 
 
+#: How a worker's log line starts; supervisor/worker_output.py parses the level back out of
+#: it, so the two must agree.
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+
 def setup_logging() -> None:
-    """Plain lines on stderr: the supervisor forwards them with a ``[model]`` prefix."""
+    """Plain lines on stderr: the supervisor forwards them with a ``[model]`` prefix, at the
+    level each line names.
+
+    ``warnings.warn`` goes through logging too (logger ``py.warnings``, WARNING), so a library
+    warning reaches the server log as one line at WARNING rather than as two raw stderr lines
+    at INFO; Python's default filter still shows each warning once per code location. A
+    zygote calls this before it forks, so forked workers inherit the same set-up (and the
+    warnings the zygote already showed while importing are not shown again by each fork).
+    """
     name = os.environ.get("LEMONADE_LOG_LEVEL", "info").strip().upper()
     level = logging.getLevelName(name)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(level if isinstance(level, int) else logging.INFO)
+    logging.captureWarnings(True)
     if not isinstance(level, int):
         log.warning("unknown LEMONADE_LOG_LEVEL %r; using INFO",
                     os.environ.get("LEMONADE_LOG_LEVEL"))
+
+
+def _byte_count(value: object) -> int | None:
+    """A byte count a model reported, as the protocol takes it (or None)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        return None  # also NaN
+    return _MAX_COUNTER if value >= _MAX_COUNTER else int(value)  # also inf
 
 
 def flush_logs() -> None:
@@ -495,16 +516,22 @@ class WorkerRuntime:
     # ------------------------------------------------------------- load
 
     async def _load(self, message: Load) -> None:
+        proctitle.worker(message.name, self.kind)  # from now on ps shows which model this is
         if self._model_class is None:
             await self.send(_error(message.id, ErrorCode.BAD_CONFIG, self._kind_error or ""))
             return
         model_class = self._model_class
 
-        def report(fraction: float | None, text: str) -> None:
+        def report(fraction: float | None, text: str, *, done_bytes: int | None = None,
+                   total_bytes: int | None = None) -> None:
             if fraction is not None:
                 fraction = min(1.0, max(0.0, float(fraction))) if fraction == fraction else None
+            done, total = _byte_count(done_bytes), _byte_count(total_bytes)
+            if done is not None and total is not None and done > total:
+                total = None  # a size that grew past its estimate: the estimate was wrong
             progress = Progress(
-                id=message.id, fraction=fraction, message=str(text)[:MAX_ERROR_MESSAGE_CHARS]
+                id=message.id, fraction=fraction, message=str(text)[:MAX_ERROR_MESSAGE_CHARS],
+                done_bytes=done, total_bytes=total,
             )
             self._send_from_thread(encode(progress))
 

@@ -47,7 +47,7 @@ import time
 import traceback
 from typing import Any, NoReturn
 
-from workers import import_manifest, registry, runtime, zygote_protocol
+from workers import import_manifest, proctitle, registry, runtime, zygote_protocol
 from workers.zygote_protocol import ZygoteProtocolError
 
 log = logging.getLogger("workers.zygote")
@@ -229,6 +229,7 @@ class Zygote:
         code = runtime.EXIT_PROTOCOL
         try:
             os.setsid()  # its own session and process group, as a spawned worker has
+            proctitle.worker(None, self.kind)  # not "zygote" any more; the load names the model
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             os.close(self._wake_r)
@@ -280,6 +281,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    proctitle.zygote(args.kind)
     runtime.setup_logging()
     runtime.set_parent_death_signal()
     if os.getppid() != args.parent_pid:

@@ -208,12 +208,16 @@ class Server:
     def zygote_pids(self) -> list[int]:
         """Pids of the server's zygotes: its own children running ``workers.zygote``.
 
-        Workers forked from a zygote share its command line, but they are its children.
+        A zygote retitles itself ``lemonade zygote KIND`` as it starts (workers/proctitle.py);
+        workers forked from it are its children, not the server's.
         """
         pids = []
         for child in self._descendants():
             with contextlib.suppress(psutil.Error):
-                if child.ppid() == self.pid and "workers.zygote" in child.cmdline():
+                cmdline = child.cmdline()
+                title = " ".join(part for part in cmdline if part)
+                if child.ppid() == self.pid and ("workers.zygote" in cmdline
+                                                 or title.startswith("lemonade zygote ")):
                     pids.append(child.pid)
         return pids
 
