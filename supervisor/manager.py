@@ -41,6 +41,7 @@ from supervisor.errors import (
 )
 from supervisor.events import EventBus
 from supervisor.lifecycle import IdleTimer, Slot, State
+from supervisor.load_progress import ProgressBoard
 from supervisor.placement import limits, residents, resolve_budget, target_of
 from supervisor.process import WorkerProcess, worker_environment
 from supervisor.rundir import create_runtime_dir
@@ -91,6 +92,8 @@ class Manager:
         self._closing = False
         self.memory_budget_bytes = resolve_budget(settings.memory_budget)
         self.zygotes: ZygotePool | None = None
+        #: Each load's progress while it runs: status shows it, it logs it at a readable rate.
+        self.load_progress = ProgressBoard(self.events)
 
     # ================================================================ start / stop
 
@@ -413,6 +416,7 @@ class Manager:
         slot.load_future = asyncio.get_running_loop().create_future()
         slot.load_future.add_done_callback(_consume_exception)
         slot.load_task = self._spawn_task(self._load(slot), f"load-{slot.name}")
+        self.load_progress.begin(slot.name, slot.recipe.kind, slot.load_task)
 
     async def _load(self, slot: Slot) -> None:
         assert slot.load_future is not None
@@ -570,6 +574,7 @@ class Manager:
                 seq=slot.spawn_seq, handshake_timeout_s=self.settings.load_timeout_s,
                 max_concurrency=recipe.max_concurrency, data_dir=self.settings.data_dir,
                 zygotes=self.zygotes,
+                on_bar=functools.partial(self.load_progress.take_bar, recipe.name),
             )
         except GatewayTimeout:
             raise self._load_timeout() from None
@@ -578,8 +583,9 @@ class Manager:
                           hang_timeout_s=self.settings.heartbeat_timeout_s)
 
         def report_progress(progress: Progress) -> None:
-            self.events.publish("progress", recipe.name,
-                                fraction=progress.fraction, message=progress.message)
+            self.load_progress.report(recipe.name, progress.fraction, progress.message,
+                                      done_bytes=progress.done_bytes,
+                                      total_bytes=progress.total_bytes)
 
         slot.worker, slot.channel = worker, channel
         log.info("worker %d for %s %s (kind %s, hello after %.0f ms)", worker.pid, recipe.name,

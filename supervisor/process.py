@@ -6,8 +6,9 @@ killed), with an allowlisted environment, either spawned here or forked by its k
 It connects back to a Unix socket that only it may use: the socket lives in the supervisor's
 private 0700 runtime directory, is created 0600, accepts exactly one connection, checks the
 peer's pid with ``SO_PEERCRED``, and is unlinked as soon as the worker is connected. The
-worker's stdout and stderr are forwarded to the log line by line with a ``[model]`` prefix,
-and the last lines are kept for error messages.
+worker's stdout and stderr are forwarded to the log with a ``[model]`` prefix by
+:mod:`supervisor.worker_output` (levels kept, progress bars turned into load progress), and
+the last lines are kept for error messages.
 
 Stopping is written so it cannot be skipped: ``stop()`` runs as its own task (callers shield
 it) and always ends with the group killed and the process reaped.
@@ -32,6 +33,8 @@ from typing import TYPE_CHECKING, Protocol
 import psutil
 
 from supervisor.errors import GatewayTimeout, ServiceUnavailable, WorkerFailed
+from supervisor.worker_output import BarSink
+from supervisor.worker_output import forward_output as forward_output  # zygote.py uses it
 from workers.protocol import (
     MAX_WORKER_FRAME_BYTES,
     PROTOCOL_VERSION,
@@ -44,7 +47,6 @@ if TYPE_CHECKING:
     from supervisor.zygote_pool import ZygotePool
 
 log = logging.getLogger(__name__)
-worker_log = logging.getLogger("supervisor.worker")
 
 #: Environment variables a worker may see; everything else (API keys, tokens, proxies) is
 #: dropped. Prefixes cover the thread, GPU and model-cache knobs users rely on.
@@ -74,11 +76,6 @@ def worker_environment(
     if data_dir is not None:
         out["LEMONADE_DATA_DIR"] = data_dir  # the supervisor's own value, not the user's env
     return out
-
-
-def _printable(line: str) -> str:
-    # Worker output goes into our log: escape control characters against log injection.
-    return "".join(c if c.isprintable() or c == "\t" else repr(c)[1:-1] for c in line)
 
 
 class WorkerProcess:
@@ -126,7 +123,10 @@ class WorkerProcess:
         env: dict[str, str] | None = None,
         data_dir: str | None = None,
         zygotes: ZygotePool | None = None,
+        on_bar: BarSink | None = None,
     ) -> WorkerProcess:
+        """Start (or fork) the worker and take its hello; ``on_bar`` gets the progress bars
+        it draws on its output (see :mod:`supervisor.worker_output`)."""
         path = runtime_dir / f"{model}.{seq}.sock"
         if len(os.fsencode(path)) > _SUN_PATH_MAX:
             # Keep the name short but unique; the model name is only for humans here.
@@ -164,7 +164,7 @@ class WorkerProcess:
                                                worker_environment(data_dir=data_dir)
                                                if env is None else env)
                 proc, streams = spawned, (spawned.stdout, spawned.stderr)
-            forwarders = [asyncio.create_task(forward_output(model, stream, tail))
+            forwarders = [asyncio.create_task(forward_output(model, stream, tail, on_bar=on_bar))
                           for stream in streams if stream is not None]
             conn = await _accept_from(listener, proc, handshake_timeout_s, model, tail)
             reader, writer = await asyncio.open_unix_connection(sock=conn)
@@ -386,21 +386,3 @@ def signal_group(pid: int, sig: signal.Signals) -> None:
 async def kill_group_and_reap(proc: ProcessHandle) -> int:
     signal_group(proc.pid, signal.SIGKILL)
     return await proc.wait()
-
-
-async def forward_output(
-    name: str, stream: asyncio.StreamReader, tail: collections.deque[str]
-) -> None:
-    """Log a child's output line by line as ``[name] line``, keeping the last lines."""
-    while True:
-        try:
-            raw = await stream.readline()
-        except ValueError:  # a line longer than the stream limit: take what is there
-            raw = await stream.read(64 * 1024)
-        if not raw:
-            return
-        line = _printable(raw.decode("utf-8", "replace").rstrip("\r\n"))
-        if not line:
-            continue
-        tail.append(line[:500])
-        worker_log.info("[%s] %s", name, line)

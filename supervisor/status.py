@@ -3,7 +3,9 @@
 Kept apart from the manager so the manager stays about deciding, and this about reporting:
 memory is measured from the worker process now (psutil), the idle timeout is the effective
 one with the level that set it, and ``expires_at`` is null whenever no timer runs (busy,
-pinned, never, or not loaded).
+pinned, never, or not loaded). A loading model shows its ``progress``: the phase its worker
+last reported, the fraction and byte counts where known, and the seconds since the load began
+(:mod:`supervisor.load_progress`); null in every other state.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ def model_rows(manager: Manager) -> list[dict[str, Any]]:
     for slot in manager.slots.values():
         timeout = manager.effective_idle_timeout(slot)
         recipe = slot.recipe
+        progress = manager.load_progress.get(slot.name)
         out.append({
             "name": slot.name,
             "kind": recipe.kind,
@@ -39,6 +42,8 @@ def model_rows(manager: Manager) -> list[dict[str, Any]]:
             "last_used": _iso(slot.last_used),
             "loaded_at": _iso(slot.loaded_at) if slot.state is State.READY else None,
             "load_seconds": slot.load_seconds,
+            "progress": progress.describe(now)
+            if progress is not None and slot.state is State.LOADING else None,
             "memory": {"rss_bytes": slot.rss_bytes, "vram_bytes": slot.vram_bytes},
             "memory_estimate_bytes": slot.cost_bytes(),
             "group": recipe.group,

@@ -51,13 +51,18 @@ class LoadResult:
 
 
 class LoadContext:
-    """Lets ``load`` report progress (``fraction`` in [0, 1])."""
+    """Lets ``load`` report progress (``fraction`` in [0, 1]; the message names the phase;
+    byte counts where the phase is counted in bytes, ``total_bytes`` None when unknown)."""
 
-    def __init__(self, report: Callable[[float | None, str], None]) -> None:
+    def __init__(self, report: Callable[..., None]) -> None:
         self._report = report
 
-    def progress(self, fraction: float | None = None, message: str = "") -> None:
-        self._report(fraction, message)
+    def progress(self, fraction: float | None = None, message: str = "", *,
+                 done_bytes: int | None = None, total_bytes: int | None = None) -> None:
+        if done_bytes is None and total_bytes is None:
+            self._report(fraction, message)
+        else:
+            self._report(fraction, message, done_bytes=done_bytes, total_bytes=total_bytes)
 
 
 class CallContext:

@@ -12,6 +12,10 @@ The copy is written into a temporary folder next to its final place and renamed 
 only when complete (a rename within one file system is atomic), so a crash mid-write leaves a
 stray ``.tmp-`` folder (cleaned up by the next conversion), never a half-written cache that
 looks usable. A file lock keeps two workers from converting the same file at once.
+
+Progress is reported in phases, with byte counts where the work is counted in bytes (the
+GGUF file read and de-quantized, the converted copy synced to disk); the de-quantizing itself
+draws transformers' own progress bar, which the supervisor reads as load progress.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +48,17 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-Progress = Callable[[float | None, str], None]
+
+class Progress(Protocol):
+    """What :meth:`workers.base.LoadContext.progress` takes."""
+
+    def __call__(self, fraction: float | None, message: str, /, *,
+                 done_bytes: int | None = None, total_bytes: int | None = None) -> None: ...
+
+
+def _no_progress(fraction: float | None, message: str, /, *, done_bytes: int | None = None,
+                 total_bytes: int | None = None) -> None:
+    pass
 
 
 def cache_key(gguf_path: Path) -> str:
@@ -78,7 +93,7 @@ def converted_folder(gguf_path: Path, cache_root: Path,
                      progress: Progress | None = None) -> tuple[Path, bool]:
     """The cached Hugging Face folder for ``gguf_path``: ``(folder, True)`` when it was
     already there, ``(folder, False)`` when it was converted now."""
-    report = progress or (lambda fraction, message: None)
+    report: Progress = progress or _no_progress
     key = cache_key(gguf_path)
     target = cache_root / key
     if is_complete(target):
@@ -92,7 +107,7 @@ def converted_folder(gguf_path: Path, cache_root: Path,
         try:
             convert(gguf_path, tmp, report)
             (tmp / COMPLETE_MARKER).write_text(f"{gguf_path}\n")
-            _fsync_tree(tmp)
+            _fsync_tree(tmp, report)
             if target.exists():  # an incomplete leftover from an older layout
                 shutil.rmtree(target)
             os.replace(tmp, target)
@@ -109,8 +124,10 @@ def convert(gguf_path: Path, out: Path, report: Progress) -> None:
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     folder, name = str(gguf_path.parent), gguf_path.name
+    size = gguf_path.stat().st_size
     started = time.monotonic()
-    report(0.1, f"reading {name} (first load: converting GGUF, cached afterwards)")
+    report(0.1, f"reading {name} (first load: converting GGUF, cached afterwards)",
+           done_bytes=0, total_bytes=size)
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
     report(0.25, "reading the tokenizer from the GGUF metadata")
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
@@ -118,7 +135,7 @@ def convert(gguf_path: Path, out: Path, report: Progress) -> None:
         tokenizer.chat_template = CHATML_TEMPLATE
     report(0.4, "building the model")
     model = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
-    report(0.5, "de-quantizing the GGUF tensors")
+    report(0.5, "de-quantizing the GGUF tensors", done_bytes=0, total_bytes=size)
     parsed = load_gguf_checkpoint(  # type: ignore[no-untyped-call]
         str(gguf_path), return_tensors=True, model_to_load=model
     )
@@ -131,6 +148,7 @@ def convert(gguf_path: Path, out: Path, report: Progress) -> None:
             f"{sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}"
         )
     model.tie_weights()
+    report(0.8, f"de-quantized {len(state)} tensors", done_bytes=size, total_bytes=size)
     report(0.85, "writing the converted copy")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -148,11 +166,19 @@ def _remove_stale_tmp(cache_root: Path, key: str) -> None:
                 shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.iterdir():
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
+def _fsync_tree(folder: Path, report: Progress = _no_progress) -> None:
+    """fsync every file (hundreds of MB of weights: seconds on a slow disk), reporting the
+    bytes synced so far."""
+    files = [(path, path.stat().st_size) for path in sorted(folder.iterdir()) if path.is_file()]
+    total = sum(size for _, size in files)
+    done = 0
+    phase = "syncing the converted copy to disk"
+    report(0.9, phase, done_bytes=0, total_bytes=total)
+    for path, size in files:
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+        done += size
+        report(0.9 + 0.09 * done / max(total, 1), phase, done_bytes=done, total_bytes=total)
     _fsync_dir(folder)
 
 

@@ -147,6 +147,9 @@ class Message:
 
     T: ClassVar[str] = ""
     KEYS: ClassVar[frozenset[str]] = frozenset()
+    #: Keys a sender may leave out (added to a message after its first version): an older
+    #: peer that does not send them is still understood.
+    OPTIONAL_KEYS: ClassVar[frozenset[str]] = frozenset()
 
     def to_wire(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -211,16 +214,32 @@ class Load(Message):
 
 @dataclass(frozen=True)
 class Progress(Message):
-    """worker -> supervisor while loading: ``fraction`` in [0, 1] and/or a short message."""
+    """worker -> supervisor while loading: ``fraction`` in [0, 1] and/or a short message
+    (the phase), and, where the work is counted in bytes (a download, a conversion),
+    ``done_bytes`` of ``total_bytes`` (``total_bytes`` null: not known).
+
+    The byte counts were added after version 1 shipped; they are optional keys, sent only
+    when known, so a worker that never sends them is still understood.
+    """
 
     T: ClassVar[str] = "progress"
-    KEYS: ClassVar[frozenset[str]] = frozenset({"t", "id", "fraction", "message"})
+    KEYS: ClassVar[frozenset[str]] = frozenset(
+        {"t", "id", "fraction", "message", "done_bytes", "total_bytes"})
+    OPTIONAL_KEYS: ClassVar[frozenset[str]] = frozenset({"done_bytes", "total_bytes"})
     id: int
     fraction: float | None = None
     message: str = ""
+    done_bytes: int | None = None
+    total_bytes: int | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return {"t": self.T, "id": self.id, "fraction": self.fraction, "message": self.message}
+        wire: dict[str, Any] = {"t": self.T, "id": self.id, "fraction": self.fraction,
+                                "message": self.message}
+        if self.done_bytes is not None:
+            wire["done_bytes"] = self.done_bytes
+        if self.total_bytes is not None:
+            wire["total_bytes"] = self.total_bytes
+        return wire
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> Progress:
@@ -229,10 +248,18 @@ class Progress(Message):
             not isinstance(fraction, int | float) or not 0.0 <= fraction <= 1.0
         ):
             _fail("progress: fraction must be null or a number in [0, 1]")
+        done, total = d.get("done_bytes"), d.get("total_bytes")
+        for key, value in (("done_bytes", done), ("total_bytes", total)):
+            if value is not None and (type(value) is not int or not 0 <= value < _MAX_ID):
+                _fail(f"progress: {key} must be null or a non-negative integer")
+        if done is not None and total is not None and done > total:
+            _fail(f"progress: done_bytes ({done}) is more than total_bytes ({total})")
         return cls(
             id=_want_id(d["id"], cls.T),
             fraction=None if fraction is None else float(fraction),
             message=_want_str(d["message"], cls.T, "message", max_len=MAX_ERROR_MESSAGE_CHARS),
+            done_bytes=done,
+            total_bytes=total,
         )
 
 
@@ -480,8 +507,11 @@ def decode_body(body: bytes, allowed: Mapping[str, type[Message]]) -> Message:
     cls = allowed.get(t) if isinstance(t, str) else None
     if cls is None:
         _fail(f"unexpected message type {t!r:.40}")
-    if set(d) != cls.KEYS:
-        _fail(f"{t}: keys must be exactly {sorted(cls.KEYS)}, got {sorted(map(str, d))[:20]}")
+    keys = set(d)
+    if not cls.KEYS - cls.OPTIONAL_KEYS <= keys <= cls.KEYS:
+        _fail(f"{t}: keys must be exactly {sorted(cls.KEYS)}"
+              + (f" (optional: {sorted(cls.OPTIONAL_KEYS)})" if cls.OPTIONAL_KEYS else "")
+              + f", got {sorted(map(str, d))[:20]}")
     _check_depth(d)
     return cls.from_wire(d)
 
