@@ -19,6 +19,7 @@ from typing import Any
 
 import click
 
+from supervisor.cli_progress import LoadWatcher, loading_lines, state_cell
 from supervisor.config import ConfigError, load_settings
 from supervisor.units import format_bytes, format_duration
 
@@ -66,6 +67,9 @@ def main() -> None:
                    "[env LEMONADE_ZYGOTE_IDLE_TIMEOUT; default 10m]")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               help="[env LEMONADE_LOG_LEVEL; default info]")
+@click.option("--access-log/--no-access-log", "access_log", default=None,
+              help="One log line per request (logger supervisor.access). "
+                   "[env LEMONADE_ACCESS_LOG; default on]")
 def serve(**options: Any) -> None:
     """Run the server (API key only from LEMONADE_API_KEY, never a flag)."""
     cli = {key: value for key, value in options.items() if value not in (None, ())}
@@ -172,7 +176,7 @@ def status(url: str | None, as_json: bool) -> None:
     for m in data["models"]:
         timeout = m["idle_timeout_s"]
         last = m["last_eviction"]["reason"] if m["last_eviction"] else "-"
-        state = m["state"] + (f" ({m['in_flight']} busy)" if m["in_flight"] else "")
+        state = state_cell(m)
         rows.append([
             m["name"], m["type"], state, str(m["pid"] or "-"),
             format_bytes(m["memory"]["rss_bytes"] or None),
@@ -181,6 +185,8 @@ def status(url: str | None, as_json: bool) -> None:
             m["idle_timeout_source"], _expires_in(m["expires_at"], m), last,
         ])
     click.echo(_table(rows))
+    for line in loading_lines(data["models"]):
+        click.echo(f"  loading {line}")
     zygotes = data.get("server", {}).get("zygotes") or []
     if zygotes:
         click.echo("\nZygotes (templates that fork workers; no weights, no VRAM):")
@@ -218,7 +224,10 @@ def load(url: str | None, name: str, pin: bool, idle_timeout: str | None) -> Non
         body["pinned"] = True
     if idle_timeout is not None:
         body["idle_timeout"] = idle_timeout
-    data = _request(url, "POST", "/api/v1/load", body)
+    # The request answers when the model is ready; meanwhile, show its progress.
+    with LoadWatcher(name, lambda: _request(url, "GET", "/api/v1/status", timeout=10),
+                     sys.stdout):
+        data = _request(url, "POST", "/api/v1/load", body)
     click.echo(f"{name} is {data['state']} (pid {data['pid']}, loaded in "
                f"{(data['load_seconds'] or 0):.2f}s)")
 

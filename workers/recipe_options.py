@@ -27,6 +27,8 @@ SYNTHETIC_CALL_FAULTS = ("segfault_mid_call", "sigkill_mid_call", "hang_mid_call
                          "garbage_mid_call", "oversize_mid_call", "bomb_mid_call",
                          "truncated_mid_call", "wrong_id_mid_call", "oom_mid_call",
                          "late_reply", "flood")
+#: What a synthetic load may write to its stderr as real libraries do (see workers/synthetic.py).
+SYNTHETIC_LOAD_OUTPUTS = ("none", "tqdm_bar", "warnings")
 
 
 def _type(served: str) -> Option:
@@ -63,6 +65,8 @@ SYNTHETIC = OptionSpec("synthetic", (
            high=1024 * 1024),
     Option("lazy_import", ("string",), "a workers.synthetic_imports module the load imports",
            choices=synthetic_imports.NAMES),
+    Option("load_output", ("string",), "what the load writes to stderr (none)",
+           choices=SYNTHETIC_LOAD_OUTPUTS),
 ))
 
 KOKORO = OptionSpec("kokoro", (

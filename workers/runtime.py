@@ -176,9 +176,20 @@ def setup_logging() -> None:
     root.addHandler(handler)
     root.setLevel(level if isinstance(level, int) else logging.INFO)
     logging.captureWarnings(True)
+    logging.getLogger("py.warnings").addFilter(_without_source_line)
     if not isinstance(level, int):
         log.warning("unknown LEMONADE_LOG_LEVEL %r; using INFO",
                     os.environ.get("LEMONADE_LOG_LEVEL"))
+
+
+def _without_source_line(record: logging.LogRecord) -> bool:
+    """A captured warning without the source line ``warnings.formatwarning`` appends (the
+    code that called ``warn``): one warning, one line in the server log."""
+    if isinstance(record.msg, str) and not record.args:  # logging logs str(s) as the msg
+        text = record.msg.rstrip("\n")
+        head, sep, last = text.rpartition("\n")
+        record.msg = head if sep and last.startswith("  ") else text
+    return True
 
 
 def _byte_count(value: object) -> int | None:

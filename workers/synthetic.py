@@ -27,6 +27,11 @@ Recipe options (all optional)::
                   that the load imports, as real libraries import their code lazily during a
                   load; the load info says whether it was imported already
                   (``lazy_import_preloaded``: true in a worker forked from a zygote that learned it)
+    load_output   what the load writes to stderr, as libraries inside real workers do ("none"):
+                  "tqdm_bar" draws a tqdm-style byte bar (``\r``-rewritten, 50 updates over
+                  ``load_seconds``, "synthetic weights:  42%|####2     | 84.0M/200M [...]");
+                  "warnings" calls ``warnings.warn`` twice from one place, logs one WARNING
+                  through a library-style logger and prints one raw line
 
 Faults (the ``fault`` option). They are real: signals are really delivered, memory really
 runs out, bytes really go over the socket. Nothing in the supervisor knows about them.
@@ -61,6 +66,7 @@ from __future__ import annotations
 import array
 import ctypes
 import importlib
+import logging
 import math
 import os
 import resource
@@ -70,6 +76,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -157,6 +164,7 @@ class SyntheticConfig:
     flood_chunks: int = 10_000
     flood_chunk_bytes: int = 2
     lazy_import: str | None = None
+    load_output: str = "none"
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any], default_type: str) -> SyntheticConfig:
@@ -196,6 +204,7 @@ class SyntheticConfig:
                        f"{', '.join(synthetic_imports.NAMES)}; got {lazy_import!r:.60}")
         return cls(
             lazy_import=lazy_import,
+            load_output=options.get("load_output", "none"),
             progress=progress,
             fault=fault,
             fault_after_chunks=_int_option(options, "fault_after_chunks", 1, 0, MAX_CHUNKS),
@@ -278,6 +287,10 @@ class SyntheticModel(Model):
         config = SyntheticConfig.from_options(request.options, request.type)
         self.config = config
         started = time.monotonic()
+        if config.load_output == "warnings":
+            _library_warnings()
+        elif config.load_output == "tqdm_bar":
+            _draw_bar(config.load_seconds)
         while (elapsed := time.monotonic() - started) < config.load_seconds:
             if config.progress:
                 ctx.progress(min(1.0, elapsed / config.load_seconds), "loading synthetic model")
@@ -381,6 +394,37 @@ class SyntheticModel(Model):
         if mid_call and config.fault_after_chunks >= len(pieces):
             call_fault(config.fault)
         return {"sample_rate": rate, "samples": samples, "format": fmt}
+
+
+_BAR_STEPS = 50
+_BAR_TOTAL_MB = 200
+
+
+def _draw_bar(seconds: float) -> None:
+    """A tqdm-style byte bar on stderr, drawn over ``seconds`` as tqdm draws one."""
+    started = time.monotonic()
+    for step in range(_BAR_STEPS + 1):
+        done = _BAR_TOTAL_MB * step / _BAR_STEPS
+        filled = step * 10 // _BAR_STEPS
+        elapsed = time.monotonic() - started
+        sys.stderr.write(f"\rsynthetic weights: {step * 100 // _BAR_STEPS:3d}%|"
+                         f"{'#' * filled}{' ' * (10 - filled)}| {done:.1f}M/{_BAR_TOTAL_MB}M "
+                         f"[00:{int(elapsed):02d}<00:00, {done / max(elapsed, 0.01):.1f}MB/s]")
+        sys.stderr.flush()
+        if step < _BAR_STEPS:
+            time.sleep(seconds / _BAR_STEPS)
+    sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def _library_warnings() -> None:
+    """What a library's import and load typically print: a Python warning (raised twice from
+    one place: Python shows it once), a logged warning, a raw print."""
+    for _ in range(2):
+        warnings.warn("synthetic library warning: this option is deprecated", UserWarning,
+                      stacklevel=1)
+    logging.getLogger("synthetic.library").warning("synthetic logged warning")
+    print("synthetic raw print", flush=True)  # noqa: T201 - raw output is the point
 
 
 def real_memory_error(headroom_mib: int = 256, allocate_mib: int = 1024) -> None:
