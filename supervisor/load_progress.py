@@ -143,7 +143,7 @@ class ProgressBoard:
     def get(self, name: str) -> LoadProgress | None:
         return self._loads.get(name)
 
-    def begin(self, name: str, kind: str, task: asyncio.Task[None]) -> None:
+    def begin(self, name: str, kind: str, task: asyncio.Future[Any]) -> None:
         """A load of ``name`` starts; its progress is kept (and logged) until ``task`` ends."""
         loop = asyncio.get_running_loop()
         progress = LoadProgress(started=loop.time())
@@ -151,7 +151,7 @@ class ProgressBoard:
         log.info("loading %s (kind %s)", name, kind)
         progress.watch(loop, lambda summary: log.info("still loading %s: %s", name, summary))
 
-        def done(_task: asyncio.Task[None]) -> None:
+        def done(_task: asyncio.Future[Any]) -> None:
             progress.stop()
             if self._loads.get(name) is progress:
                 del self._loads[name]

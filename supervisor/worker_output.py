@@ -83,21 +83,26 @@ BarSink = Callable[[Bar], bool]
 
 def parse_bar(text: str) -> Bar | None:
     """The bar in ``text`` if it is a tqdm-style update, else None."""
-    match = _BAR.match(text.strip())
-    if match is None:
-        return None
+    return split_bar(text)[0]
+
+
+def split_bar(text: str) -> tuple[Bar | None, str]:
+    """A tqdm-style update at the start of ``text``, and the text after it: a line logged
+    while a bar is drawn lands right after the bar, on the same terminal line."""
+    text = text.strip()
+    match = _BAR.match(text)
+    if match is None or int(match["pct"]) > 100:
+        return None, text
     percent = int(match["pct"])
-    if percent > 100:
-        return None
     done, total = _count(match["n"]), _count(match["total"])
     rest = match["rest"] or ""
     fraction = done / total if total else percent / 100
-    bar = Bar(text=text.strip(), desc=(match["desc"] or "").strip(),
+    bar = Bar(text=text[:match.end()].strip(), desc=(match["desc"] or "").strip(),
               fraction=min(1.0, max(0.0, fraction)))
     if "B/s" in rest or "s/B" in rest:
         total_bytes = round(total)
         bar = Bar(bar.text, bar.desc, bar.fraction, min(round(done), total_bytes), total_bytes)
-    return bar
+    return bar, text[match.end():].strip()
 
 
 def _count(text: str) -> float:
@@ -126,22 +131,21 @@ class LineSplitter:
 
     ``feed`` returns ``(line, rewritten)`` pairs: ``rewritten`` is True for a line that ended
     in a bare ``\\r`` (the writer will draw over it). A line longer than ``max_bytes`` keeps
-    its first ``max_bytes`` and a note of how many bytes were dropped.
+    its first ``max_bytes`` and a note of how many bytes were dropped. A ``\\r\\n`` split
+    between two reads ends its line as a rewrite, at once (a bar's newest state must not
+    wait for the next write); the ``\\n`` that follows is then no line of its own.
     """
 
     def __init__(self, max_bytes: int = MAX_LINE_BYTES) -> None:
         self._max = max_bytes
         self._buffer = bytearray()
         self._dropped = 0
-        self._held_cr = False  # a chunk ended in "\r": the next may start with its "\n"
+        self._after_cr = False  # the last read ended in "\r"
 
     def feed(self, data: bytes) -> list[tuple[str, bool]]:
-        if self._held_cr:
-            data = b"\r" + data
-            self._held_cr = False
-        if data.endswith(b"\r"):
-            data = data[:-1]
-            self._held_cr = True
+        if self._after_cr and data.startswith(b"\n"):
+            data = data[1:]
+        self._after_cr = data.endswith(b"\r")
         out = []
         start = 0
         for match in _SEPARATOR.finditer(data):
@@ -153,9 +157,8 @@ class LineSplitter:
 
     def close(self) -> list[tuple[str, bool]]:
         """What is left when the stream ends (a last line without a newline)."""
-        held, self._held_cr = self._held_cr, False
-        if self._buffer or self._dropped or held:
-            return [(self._finish(), held)]
+        if self._buffer or self._dropped:
+            return [(self._finish(), False)]
         return []
 
     def _take(self, piece: bytes) -> None:
@@ -200,12 +203,17 @@ class OutputForwarder:
         self._flush_pending()
 
     def _line(self, raw: str, rewritten: bool, inherited: int | None) -> int | None:
-        line = printable(raw).rstrip()
+        line = printable(raw).rstrip()  # leading blanks stay: a traceback's indentation
         if not line.strip():
             return inherited
-        bar = parse_bar(line)
-        if bar is not None or rewritten:
-            self._rewrite(line, bar, final=not rewritten)
+        bar, after = split_bar(line)
+        if bar is not None:
+            self._rewrite(bar.text, bar, final=not rewritten and not after)
+            if not after:
+                return inherited
+            line = after
+        elif rewritten and parse_level(line) is None:
+            self._rewrite(line.strip(), None, final=False)
             return inherited
         self._flush_pending()
         self._tail.append(line[:TAIL_LINE_CHARS])

@@ -303,10 +303,13 @@ class SyntheticModel(Model):
         if config.fault in LOAD_FAULTS:
             info.update(self._load_fault(config))
         if config.memory_mb > 0:
-            ctx.progress(None, f"allocating {config.memory_mb:g} MiB")
+            size = int(config.memory_mb * _MIB)
+            phase = f"allocating {config.memory_mb:g} MiB"
+            ctx.progress(None, phase, done_bytes=0, total_bytes=size)
             # Repeating one byte fills every page, so the RSS grows now (a zeroed buffer
             # would only reserve address space).
-            self._ballast = bytearray(b"\x5a") * int(config.memory_mb * _MIB)
+            self._ballast = bytearray(b"\x5a") * size
+            ctx.progress(None, phase, done_bytes=size, total_bytes=size)
         if config.fail_load is not None:
             raise ModelError(ErrorCode.LOAD_FAILED, config.fail_load)
         if config.progress:

@@ -9,13 +9,18 @@ with one ``[model]`` prefix, whether the worker was spawned or forked from a zyg
 
 from __future__ import annotations
 
+import os
+import pty
 import re
+import select
+import subprocess
 import threading
+import time
 from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import Server, run_cli, wait_for
+from tests.e2e.conftest import LEMONADE_SCRIPT, Server, run_cli, server_env, wait_for
 
 LOAD_TIMEOUT_S = 60.0  # catches hangs only; the loads below take a few seconds
 
@@ -79,6 +84,41 @@ def test_cli_load_prints_progress_lines_when_not_a_tty(start_server):
     percents = [int(m.group(3)) for m in progress if m and m.group(3) is not None]
     assert percents == sorted(percents) and percents[0] < 100, lines
     assert "\r" not in result.stdout  # no bar drawn into a pipe
+
+
+def test_cli_load_draws_a_bar_on_a_terminal(start_server):
+    server = start_server(CONFIG)
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen([str(LEMONADE_SCRIPT), "load", "slow"], stdin=subprocess.DEVNULL,
+                            stdout=terminal, stderr=subprocess.PIPE,
+                            env=server_env({"LEMONADE_URL": server.url}))
+    os.close(terminal)
+    output = b""
+    deadline = time.monotonic() + LOAD_TIMEOUT_S
+    try:
+        while time.monotonic() < deadline:
+            if select.select([controller], [], [], 1.0)[0]:
+                try:
+                    data = os.read(controller, 4096)
+                except OSError:  # EIO: the command exited and closed the terminal
+                    break
+                if not data:
+                    break
+                output += data
+            elif proc.poll() is not None:
+                break
+        assert proc.wait(LOAD_TIMEOUT_S) == 0, proc.stderr.read() if proc.stderr else ""
+    finally:
+        os.close(controller)
+        if proc.stderr is not None:
+            proc.stderr.close()
+    text = output.decode()
+    draws = re.findall(r"\r\x1b\[Kslow \[([#.]{24})\] loading synthetic model \((\d+)%", text)
+    assert len(draws) >= 2, text  # redrawn in place, every half second
+    assert [int(pct) for _, pct in draws] == sorted(int(pct) for _, pct in draws)
+    assert draws[-1][0].count("#") > draws[0][0].count("#") or draws[0][0].count("#") > 0
+    assert "loading slow:" not in text  # no plain progress lines on a terminal
+    assert re.search(r"\r\x1b\[Kslow is ready \(pid \d+", text), text  # the bar is cleared
 
 
 def test_cli_load_of_a_failing_model_shows_progress_then_the_error(start_server):

@@ -66,6 +66,8 @@ WORKER_MESSAGES: list[Message] = [
     Hello(v=PROTOCOL_VERSION, pid=4312, kind="synthetic"),
     Progress(id=1, fraction=0.5, message="loading"),
     Progress(id=1, fraction=None, message=""),
+    Progress(id=1, fraction=0.25, message="downloading", done_bytes=5, total_bytes=20),
+    Progress(id=1, fraction=None, message="reading", done_bytes=2**40),
     Loaded(id=1, device="cpu", memory={"rss": 10, "vram": 0}, info={"sample_rate": 24000}),
     Chunk(id=7, seq=0, data=b"\x00\x01\xff"),
     Chunk(id=7, seq=3, data={"text": "hi", "n": [1, 2.5]}),
@@ -259,6 +261,32 @@ def test_non_finite_floats(value: float) -> None:
 def test_progress_fraction_out_of_range() -> None:
     rejects({"t": "progress", "id": 1, "fraction": 1.5, "message": ""})
     rejects({"t": "progress", "id": 1, "fraction": "half", "message": ""})
+
+
+def test_progress_without_byte_counts_is_understood_and_sent_without_them() -> None:
+    # A worker from before byte counts existed sends exactly the first version's keys.
+    old = {"t": "progress", "id": 1, "fraction": 0.5, "message": "loading"}
+    assert decode_body(body_of(old), FROM_WORKER) == Progress(id=1, fraction=0.5,
+                                                              message="loading")
+    assert Progress(id=1, fraction=0.5, message="loading").to_wire() == old
+
+
+@pytest.mark.parametrize(("extra", "problem"), [
+    ({"done_bytes": -1}, "done_bytes must be null or a non-negative integer"),
+    ({"total_bytes": 1.5}, "total_bytes must be null or a non-negative integer"),
+    ({"done_bytes": True}, "done_bytes must be null or a non-negative integer"),
+    ({"done_bytes": 2**63}, "done_bytes must be null or a non-negative integer"),
+    ({"done_bytes": 11, "total_bytes": 10}, "is more than total_bytes"),
+    ({"bytes": 1}, "keys must be exactly"),
+])
+def test_progress_byte_counts_are_checked(extra: dict[str, Any], problem: str) -> None:
+    base = {"t": "progress", "id": 1, "fraction": None, "message": ""}
+    assert problem in rejects({**base, **extra})
+
+
+def test_the_required_keys_of_progress_are_still_required() -> None:
+    assert "keys must be exactly" in rejects({"t": "progress", "id": 1, "fraction": None,
+                                              "done_bytes": 1})
 
 
 def test_error_message_is_truncated() -> None:
