@@ -33,6 +33,7 @@ from supervisor.config_values import (
     as_str,
     duration,
     fail,
+    parse_bool,
     parse_budget,
     parse_host,
     parse_log_level,
@@ -171,6 +172,8 @@ class Settings:
     #: who alternates models to keep fast swaps, and its memory still comes back a few
     #: minutes after everything has unloaded.
     zygote_idle_timeout_s: float = 600.0
+    #: One INFO line per request under the ``supervisor.access`` logger.
+    access_log: bool = True
     config_path: str | None = None
     sources: Mapping[str, str] = field(default_factory=FrozenDict)
 
@@ -222,6 +225,7 @@ _SERVER_KEYS: tuple[_ServerKey, ...] = tuple(
         ("data_dir", "data_dir", parse_path, ""),
         ("zygotes", "zygotes", parse_zygotes, ""),
         ("zygote_idle_timeout", "zygote_idle_timeout_s", duration(zero_means_never=True), ""),
+        ("access_log", "access_log", parse_bool, ""),
     )
 )
 _SERVER_FILE_KEYS = (*(k.key for k in _SERVER_KEYS), "max_loaded_per_type")

@@ -156,6 +156,24 @@ def parse_zygotes(value: Any, where: str, textual: bool) -> str:
     return mode
 
 
+_TRUE_WORDS = ("true", "1", "yes", "on")
+_FALSE_WORDS = ("false", "0", "no", "off")
+
+
+def parse_bool(value: Any, where: str, textual: bool) -> bool:
+    """A TOML boolean, or one of the usual words in an env var (``LEMONADE_ACCESS_LOG=0``)."""
+    if isinstance(value, bool):
+        return value
+    if textual and isinstance(value, str):
+        word = value.strip().lower()
+        if word in _TRUE_WORDS:
+            return True
+        if word in _FALSE_WORDS:
+            return False
+        fail(where, "true or false (also 1/0, yes/no, on/off)", value)
+    fail(where, "true or false", value)
+
+
 def parse_preload(value: Any, where: str, textual: bool) -> tuple[str, ...]:
     if textual and isinstance(value, str):
         items: list[Any] = [value]

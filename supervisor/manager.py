@@ -22,7 +22,7 @@ import math
 import shutil
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,6 +94,11 @@ class Manager:
         self.zygotes: ZygotePool | None = None
         #: Each load's progress while it runs: status shows it, it logs it at a readable rate.
         self.load_progress = ProgressBoard(self.events)
+        #: Called as ``callback(model, waited_s)`` in the caller's task each time a request
+        #: gets hold of a model, with how long it waited (for a load, a stop, a join). A
+        #: callback, not an event: it fires on every request, and the events stream is about
+        #: lifecycle changes. Metrics and the access log listen; the manager knows neither.
+        self.on_admitted: list[Callable[[str, float], None]] = []
 
     # ================================================================ start / stop
 
@@ -207,6 +212,7 @@ class Manager:
         """
         slot = self.slot(name)
         loop = asyncio.get_running_loop()
+        asked_at = loop.time()
         max_queue = slot.recipe.max_queue
         if limited and max_queue is not None and not self._closing:
             held = slot.in_flight + slot.waiters
@@ -221,6 +227,8 @@ class Manager:
                 raise ServiceUnavailable("the server is shutting down", retry_after_s=5)
             state = slot.state
             if state is State.READY:
+                for callback in self.on_admitted:  # before anything is held: one may raise
+                    callback(name, loop.time() - asked_at)
                 slot.in_flight += 1
                 slot.idle.clear()
                 slot.timer.cancel()

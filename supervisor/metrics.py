@@ -3,6 +3,13 @@
 Counters (loads, evictions by reason, crashes, load seconds) listen to the manager's event bus,
 so the manager knows nothing about Prometheus. Gauges (state, memory, requests in flight) are
 computed when ``/metrics`` is scraped, so they can never drift from the truth.
+
+Request metrics (counts, latency, time to first byte and first token, tokens, queue wait) are
+fed by the access-log middleware (``supervisor/api/access_log.py``), the chat routes and the
+manager's ``on_admitted`` callback. Every label has a bounded set of values: the route is the
+route's template (or ``unmatched``), never the raw path; the model is a configured model's
+name or empty (a name nobody configured is never a label); the method is a standard one or
+``OTHER``; the status is a number.
 """
 
 from __future__ import annotations
@@ -18,6 +25,10 @@ from supervisor.lifecycle import State
 from supervisor.manager import Manager
 
 _LOAD_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
+#: From a status poll (milliseconds) to a long generation or a cold load (minutes).
+_REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
+                    600)
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class _SlotCollector(Collector):
@@ -84,8 +95,62 @@ class Metrics:
             "lemonade_load_seconds", "Time from load start to ready", ["model"],
             buckets=_LOAD_BUCKETS, registry=self.registry,
         )
+        self.requests = Counter(
+            "lemonade_requests", "HTTP requests by route template, method, model and status",
+            ["route", "method", "model", "status"], registry=self.registry,
+        )
+        self.request_seconds = Histogram(
+            "lemonade_request_seconds",
+            "Time from a request's arrival to the end of its response (a stream's last byte)",
+            ["route", "model"], buckets=_REQUEST_BUCKETS, registry=self.registry,
+        )
+        self.first_byte_seconds = Histogram(
+            "lemonade_time_to_first_byte_seconds",
+            "Streamed responses: time from a request's arrival to its response headers",
+            ["route", "model"], buckets=_REQUEST_BUCKETS, registry=self.registry,
+        )
+        self.first_token_seconds = Histogram(
+            "lemonade_time_to_first_token_seconds",
+            "Chat and completion streams: time from a request's arrival to the first text",
+            ["route", "model"], buckets=_REQUEST_BUCKETS, registry=self.registry,
+        )
+        self.prompt_tokens = Counter(
+            "lemonade_prompt_tokens", "Prompt tokens of finished chat and completion requests",
+            ["model"], registry=self.registry,
+        )
+        self.completion_tokens = Counter(
+            "lemonade_completion_tokens", "Tokens generated for chat and completion requests",
+            ["model"], registry=self.registry,
+        )
+        self.queue_wait_seconds = Histogram(
+            "lemonade_queue_wait_seconds",
+            "Time a request waited to get hold of its model (a load, joining a load, a stop)",
+            ["model"], buckets=_REQUEST_BUCKETS, registry=self.registry,
+        )
         self.registry.register(_SlotCollector(manager))
         manager.events.listen(self._on_event)
+        manager.on_admitted.append(self._on_admitted)
+
+    def _on_admitted(self, model: str, waited_s: float) -> None:
+        self.queue_wait_seconds.labels(model).observe(waited_s)
+
+    def observe_request(self, *, route: str, method: str, model: str, status: int,
+                        seconds: float, first_byte_s: float | None = None,
+                        first_token_s: float | None = None) -> None:
+        """One finished request (``model`` empty when it never got hold of one)."""
+        method = method if method in _METHODS else "OTHER"
+        self.requests.labels(route, method, model, str(status)).inc()
+        self.request_seconds.labels(route, model).observe(seconds)
+        if first_byte_s is not None:
+            self.first_byte_seconds.labels(route, model).observe(first_byte_s)
+        if first_token_s is not None:
+            self.first_token_seconds.labels(route, model).observe(first_token_s)
+
+    def count_tokens(self, model: str, prompt: int, completion: int) -> None:
+        # A negative count would be a worker's bug; Counter.inc refuses it, and a request
+        # must not fail over its bookkeeping.
+        self.prompt_tokens.labels(model).inc(max(0, prompt))
+        self.completion_tokens.labels(model).inc(max(0, completion))
 
     def _on_event(self, event: Event) -> None:
         kind, model = event["event"], event["model"]

@@ -16,7 +16,8 @@ from typing import Any
 
 from aiohttp import web
 
-from supervisor.api import admin, chat, compat, embeddings, openai, transcriptions
+from supervisor.api import access_log, admin, chat, compat, embeddings, openai, transcriptions
+from supervisor.api.access_log import CLIENT_CLOSED_REQUEST
 from supervisor.api.keys import MANAGER, METRICS, SETTINGS, SHUTTING_DOWN, STARTED_AT
 from supervisor.api.openapi import routes as openapi_routes
 from supervisor.api.security import add_cors_headers, auth_middleware, loopback_only
@@ -29,8 +30,6 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-#: nginx's status for a request whose client closed the connection first.
-CLIENT_CLOSED_REQUEST = 499
 #: Bodies are small JSON documents; audio uploads (later) get their own, larger limit.
 MAX_BODY_BYTES = 1024 * 1024
 
@@ -80,16 +79,22 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 
 def create_app(settings: Settings, *, runtime_base: str | None = None) -> web.Application:
-    middlewares: list[Any] = [errors_middleware]
+    manager = Manager(settings, runtime_base=runtime_base)
+    metrics = Metrics(manager)
+    # The access log is outermost: it sees the status the inner middlewares answered with.
+    middlewares: list[Any] = [
+        access_log.access_middleware(metrics, log_lines=settings.access_log),
+        errors_middleware,
+    ]
     if is_loopback_host(settings.host):
         middlewares.append(loopback_only)
     if settings.api_key:
         middlewares.append(auth_middleware(settings.api_key))
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=middlewares)
-    manager = Manager(settings, runtime_base=runtime_base)
     app[SETTINGS] = settings
     app[MANAGER] = manager
-    app[METRICS] = Metrics(manager)
+    app[METRICS] = metrics
+    access_log.install(app, manager)
     app[STARTED_AT] = time.time()
     app[SHUTTING_DOWN] = asyncio.Event()
     app.add_routes(openai.routes)

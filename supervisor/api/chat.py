@@ -23,8 +23,9 @@ from typing import Any
 
 from aiohttp import web
 
+from supervisor.api.access_log import note_first_token
 from supervisor.api.body import Body, read_body
-from supervisor.api.keys import MANAGER
+from supervisor.api.keys import MANAGER, METRICS
 from supervisor.api.openai import require_model_type
 from supervisor.errors import BadRequest, LemonadeError, WorkerFailed
 
@@ -283,6 +284,7 @@ async def _generate(request: web.Request, *, chat: bool) -> web.StreamResponse:
                 async for _ in call:  # a whole call sends no chunks; drain defensively
                     pass
                 finish, usage = _usage(call.result, model)
+                _count_tokens(request, model, usage)
                 text = call.result.get("text")
                 if not isinstance(text, str):
                     raise WorkerFailed(f"worker for '{model}' sent no text")
@@ -291,6 +293,8 @@ async def _generate(request: web.Request, *, chat: bool) -> web.StreamResponse:
             # The first piece is awaited before the 200 goes out: a prompt that is too long
             # for the context, or a load that fails, is still a proper HTTP error.
             first = await anext(call, None)
+            if first is not None:
+                note_first_token(request)
             response = web.StreamResponse(headers={
                 "Content-Type": "text/event-stream",
                 "Cache-Control": "no-cache",
@@ -309,6 +313,7 @@ async def _generate(request: web.Request, *, chat: bool) -> web.StreamResponse:
                     await response.write(_sse(shape.chunk(_text(piece, model), None,
                                                           usage=include_usage)))
                 finish, usage = _usage(call.result, model)
+                _count_tokens(request, model, usage)
                 await response.write(_sse(shape.chunk(None if chat else "", finish,
                                                       usage=include_usage)))
                 if include_usage:
@@ -329,6 +334,10 @@ async def _generate(request: web.Request, *, chat: bool) -> web.StreamResponse:
             with contextlib.suppress(ConnectionResetError):
                 await response.write_eof()
             return response
+
+
+def _count_tokens(request: web.Request, model: str, usage: dict[str, int]) -> None:
+    request.app[METRICS].count_tokens(model, usage["prompt_tokens"], usage["completion_tokens"])
 
 
 def _text(chunk: object, model: str) -> str:
