@@ -200,6 +200,7 @@ preload = ["tts1"]
 data_dir = "/var/cache/lemonade"
 zygotes = "Eager"
 zygote_idle_timeout = "2m"
+access_log = false
 """
     + MINIMAL_MODEL
 )
@@ -227,6 +228,7 @@ def test_every_server_key_from_file(tmp_path: Path) -> None:
     assert s.data_dir == "/var/cache/lemonade"
     assert s.zygotes == "eager"
     assert s.zygote_idle_timeout_s == 120.0
+    assert s.access_log is False
     file_source = f"file {tmp_path / 'lemonade.toml'}"
     assert all(source == file_source for name, source in s.sources.items() if name != "api_key")
 
