@@ -44,7 +44,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from workers import hibari_voices
+from workers import hibari_voices, recipe_options
 from workers.base import (
     CallContext,
     LoadContext,
@@ -52,7 +52,6 @@ from workers.base import (
     LoadResult,
     Model,
     ModelError,
-    check_options,
     data_dir,
     invalid,
 )
@@ -65,7 +64,7 @@ KIND = "hibari"
 SAMPLE_RATE = 24000
 #: hibari's own limit per forward pass; longer sentences are cut at clause punctuation.
 MAX_PHONEMES = 400
-_OPTIONS = ("voice", "threads", "seed", "type")
+_OPTIONS = recipe_options.HIBARI  # the one list: the supervisor checks recipes with it
 _CLAUSE = re.compile(r"(?<=[,;:—])\s+")
 _DOWNLOAD_TIMEOUT_S = 60
 
@@ -125,7 +124,7 @@ class HibariModel(Model):
 
     def load(self, request: LoadRequest, ctx: LoadContext) -> LoadResult:
         options = request.options
-        check_options(KIND, options, _OPTIONS)
+        _OPTIONS.check(options)
         if options.get("type", "tts") != "tts":
             raise _bad("hibari kind serves only type 'tts'")
         if request.device not in ("auto", "cpu"):
