@@ -8,6 +8,7 @@ only speaks), so it is marked slow.
 
 from __future__ import annotations
 
+import concurrent.futures
 import http.client
 import json
 import re
@@ -240,8 +241,6 @@ def test_metrics_count_requests_latency_first_byte_and_queue_wait(server: Server
 
 
 def test_concurrent_cold_requests_all_wait_for_the_one_load(server: Server) -> None:
-    import concurrent.futures
-
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         results = list(pool.map(lambda _: server.speech("tone").status, range(3)))
     assert results == [200, 200, 200]
