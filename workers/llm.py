@@ -1,12 +1,14 @@
 """The ``llm`` worker kind: a causal language model through ``transformers``.
 
 Ops: ``chat`` (messages through the model's chat template) and ``complete`` (a raw prompt).
-Both take ``max_tokens``, ``temperature`` (0 = greedy), ``top_p``, ``stop`` (up to 4
-strings, never part of the answer), ``seed`` and ``stream``. A streamed call emits the text
-as ``str`` chunks as it is generated (holding back only what could still turn into a stop
-string, or half a UTF-8 character); a whole call emits nothing and returns the text. The
-result is ``{"text" (whole calls only), "finish_reason": "stop"|"length", "prompt_tokens",
-"completion_tokens"}``.
+Both take ``max_tokens``, ``temperature`` (0 = greedy), ``top_p``, ``top_k`` (0 = off),
+``repetition_penalty`` (1 = off), ``stop`` (up to 4 strings, never part of the answer),
+``seed`` and ``stream``. A sampling knob the call leaves out takes the recipe's default
+(below), else OpenAI's (temperature 1, top_p 1); the call's own value always wins.
+A streamed call emits the text as ``str`` chunks as it is generated (holding back only
+what could still turn into a stop string, or half a UTF-8 character); a whole call emits
+nothing and returns the text. The result is ``{"text" (whole calls only), "finish_reason":
+"stop"|"length", "prompt_tokens", "completion_tokens"}``.
 
 Decoding is a token-by-token loop over the model's KV cache, run in the call's own thread:
 
@@ -33,6 +35,9 @@ Recipe options (all optional)::
     default_max_tokens  the answer length when a request gives none (1024; capped by context)
     max_context         tokens of context to allow (default: the model's own limit)
     chat_template       a Jinja chat template that replaces the tokenizer's own
+    temperature, top_p, top_k, repetition_penalty
+                        defaults for requests that do not set them (same ranges as a
+                        request's: [0, 2], (0, 1], 0..1000000, [1, 2])
 
 A GGUF file is converted once (de-quantized to float32) and cached under
 ``workers.base.data_dir("llm")`` (see :mod:`workers.gguf_cache`); later loads assign the
@@ -89,6 +94,31 @@ def _is_number(value: object) -> bool:
             and math.isfinite(float(value)))
 
 
+#: The sampling knobs a recipe may set a default for and a request may override, with the
+#: value used when neither sets one: OpenAI's defaults (temperature 1, top_p 1), and top_k 0 /
+#: repetition_penalty 1, which switch those two off (OpenAI has neither; vLLM, llama.cpp and
+#: Ollama use these names, Ollama's ``repeat_penalty`` aside).
+SAMPLING_DEFAULTS: Mapping[str, float | int] = {
+    "temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
+MAX_TOP_K = 1_000_000
+
+
+def knob_problem(name: str, value: object) -> str | None:
+    """Why ``value`` is no good for the sampling knob ``name`` (one check for the recipe
+    default and the request's own value), or None."""
+    if name == "top_k":
+        if type(value) is not int or not 0 <= value <= MAX_TOP_K:
+            return f"'top_k' must be an integer in 0..{MAX_TOP_K} (0 = off), got {value!r:.40}"
+        return None
+    ranges = {"temperature": ("[0, 2]", 0.0, 2.0), "top_p": ("(0, 1]", 0.0, 1.0),
+              "repetition_penalty": ("[1, 2] (1 = off)", 1.0, 2.0)}
+    words, low, high = ranges[name]
+    if (not _is_number(value) or not low <= float(value) <= high  # type: ignore[arg-type]
+            or (name == "top_p" and value == 0)):
+        return f"'{name}' must be a number in {words}, got {value!r:.40}"
+    return None
+
+
 @dataclass(frozen=True)
 class Sampling:
     """The validated generation arguments of one call."""
@@ -99,18 +129,26 @@ class Sampling:
     stop: tuple[str, ...]
     seed: int | None
     stream: bool
+    top_k: int = 0
+    repetition_penalty: float = 1.0
 
     @classmethod
-    def from_args(cls, args: Mapping[str, Any]) -> Sampling:
+    def from_args(cls, args: Mapping[str, Any],
+                  defaults: Mapping[str, float | int] = SAMPLING_DEFAULTS) -> Sampling:
+        """``args`` of a call; a knob the call leaves out (or sends as null) takes the
+        recipe's default from ``defaults``."""
         max_tokens = args.get("max_tokens")
         if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 1):
             raise invalid(f"'max_tokens' must be a positive integer, got {max_tokens!r:.40}")
-        temperature = args.get("temperature", 1.0)
-        if not _is_number(temperature) or not 0.0 <= temperature <= 2.0:
-            raise invalid(f"'temperature' must be a number in [0, 2], got {temperature!r:.40}")
-        top_p = args.get("top_p", 1.0)
-        if not _is_number(top_p) or not 0.0 < top_p <= 1.0:
-            raise invalid(f"'top_p' must be a number in (0, 1], got {top_p!r:.40}")
+        knobs: dict[str, Any] = {}
+        for name, fallback in SAMPLING_DEFAULTS.items():
+            value = args.get(name)
+            if value is None:
+                value = defaults.get(name, fallback)
+            wrong = knob_problem(name, value)
+            if wrong is not None:
+                raise invalid(wrong)
+            knobs[name] = value
         stop = args.get("stop") or []
         if isinstance(stop, str):
             stop = [stop]
@@ -125,7 +163,8 @@ class Sampling:
         stream = args.get("stream", False)
         if not isinstance(stream, bool):
             raise invalid("'stream' must be true or false")
-        return cls(max_tokens, float(temperature), float(top_p), tuple(stop), seed, stream)
+        return cls(max_tokens, float(knobs["temperature"]), float(knobs["top_p"]), tuple(stop),
+                   seed, stream, knobs["top_k"], float(knobs["repetition_penalty"]))
 
 
 def check_messages(messages: Any) -> list[dict[str, str]]:
@@ -202,7 +241,10 @@ class CausalLMModel(Model):
         self._eos: frozenset[int] = frozenset()
         self._context = 2048
         self._default_max_tokens = DEFAULT_MAX_TOKENS
+        self._sampling_defaults: Mapping[str, float | int] = SAMPLING_DEFAULTS
         self._keep_logits: dict[str, int] = {}
+        self._cache_arg = "past_key_values"
+        self._vocab = 0
         self._count_lock = threading.Lock()
         self.generations = 0  # finished or stopped generations, for tests and status
         self.active = 0
@@ -226,6 +268,13 @@ class CausalLMModel(Model):
         template = options.get("chat_template")
         if template is not None and (not isinstance(template, str) or not template.strip()):
             raise _bad("llm option 'chat_template' must be a non-empty Jinja template")
+        defaults = dict(SAMPLING_DEFAULTS)
+        for name in SAMPLING_DEFAULTS:  # the recipe's defaults for requests that set none
+            if name in options:
+                wrong = knob_problem(name, options[name])
+                if wrong is not None:
+                    raise _bad(f"llm option {wrong}")
+                defaults[name] = options[name]
 
         started = time.monotonic()
         ctx.progress(0.02, "importing torch and transformers")
@@ -246,15 +295,16 @@ class CausalLMModel(Model):
         ctx.progress(0.9, f"loading {source}")
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
-            # A folder converted here has the model's own keys: assign them directly.
-            model: Any = (direct_weights.load(Path(source), AutoModelForCausalLM, dtype)
+            # A folder converted here has the model's own keys (in float32): assign them
+            # directly, then cast, which is far quicker than from_pretrained's own casting.
+            model: Any = (direct_weights.load(Path(source), AutoModelForCausalLM, torch.float32)
                           if gguf is not None else None)
             loader = "direct" if model is not None else "from_pretrained"
             if model is None:
                 model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
         except OSError as e:
             raise _bad(f"cannot load llm {source!r}: {e}") from None
-        model = model.to(device).eval()
+        model = model.to(device=device, dtype=dtype).eval()
         if template is not None:
             tokenizer.chat_template = template
         elif not tokenizer.chat_template:
@@ -266,8 +316,13 @@ class CausalLMModel(Model):
         if max_context is not None:
             self._context = min(self._context, max_context)
         self._default_max_tokens = default_max
-        if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        self._sampling_defaults = defaults
+        parameters = inspect.signature(model.forward).parameters
+        if "logits_to_keep" in parameters:
             self._keep_logits = {"logits_to_keep": 1}
+        # transformers 5 renamed past_key_values to cache (the old name warns and is mapped).
+        self._cache_arg = "cache" if "cache" in parameters else "past_key_values"
+        self._vocab = int(model.get_output_embeddings().weight.shape[0])
         ctx.progress(1.0, "ready")
         return LoadResult(device=device, info={
             "type": "llm",
@@ -338,13 +393,13 @@ class CausalLMModel(Model):
             return {"warmed_up": True}
         if op == "chat":
             messages = check_messages(args.get("messages"))
-            sampling = Sampling.from_args(args)
+            sampling = Sampling.from_args(args, self._sampling_defaults)
             ids = self._chat_ids(messages)
         elif op == "complete":
             prompt = args.get("prompt")
             if not isinstance(prompt, str):
                 raise invalid("'prompt' must be a string")
-            sampling = Sampling.from_args(args)
+            sampling = Sampling.from_args(args, self._sampling_defaults)
             ids = self._tokenizer(prompt, add_special_tokens=True)["input_ids"]
             if not ids:
                 raise invalid("'prompt' must not be empty")
@@ -384,6 +439,10 @@ class CausalLMModel(Model):
         generator.manual_seed(sampling.seed if sampling.seed is not None
                               else secrets.randbits(63))
         scanner = _StopScanner(sampling.stop)
+        seen = None
+        if sampling.repetition_penalty != 1.0:
+            seen = torch.zeros(self._vocab, dtype=torch.bool)
+            seen[torch.tensor(prompt)] = True
         produced: list[int] = []
         text = ""
         sent = 0
@@ -396,8 +455,10 @@ class CausalLMModel(Model):
                 out = self._model(input_ids=ids, use_cache=True, **self._keep_logits)
                 for _ in range(max_tokens):
                     ctx.check_cancelled()
-                    token = _pick(out.logits[0, -1, :], sampling, generator)
+                    token = _pick(out.logits[0, -1, :], sampling, generator, seen)
                     produced.append(token)
+                    if seen is not None:
+                        seen[token] = True
                     if token in self._eos:
                         finish = "stop"
                         break
@@ -417,8 +478,8 @@ class CausalLMModel(Model):
                     if len(produced) == max_tokens:
                         break
                     step = torch.tensor([[token]], device=self._device)
-                    out = self._model(input_ids=step, past_key_values=out.past_key_values,
-                                      use_cache=True, **self._keep_logits)
+                    out = self._model(input_ids=step, use_cache=True, **self._keep_logits,
+                                      **{self._cache_arg: getattr(out, self._cache_arg)})
             # Nothing more will come: what was held back is final.
             if emit is not None and len(text) > sent:
                 emit(text[sent:])
@@ -436,22 +497,34 @@ class CausalLMModel(Model):
         return result
 
 
-def _pick(logits: Any, sampling: Sampling, generator: Any) -> int:
-    """One token id: greedy at temperature 0, else nucleus sampling with the call's RNG."""
+def _pick(logits: Any, sampling: Sampling, generator: Any, seen: Any) -> int:
+    """One token id: greedy at temperature 0, else top-k then nucleus sampling with the call's
+    RNG. ``seen`` (a bool per vocabulary entry: in the prompt or the answer so far) is what
+    ``repetition_penalty`` acts on, as in ``transformers``: a seen token's logit is divided
+    by the penalty when positive and multiplied by it when negative, greedy or not."""
     import torch
 
     logits = logits.float().cpu()
+    if sampling.repetition_penalty != 1.0:
+        penalty = sampling.repetition_penalty
+        logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty),
+                             logits)
     if sampling.temperature == 0.0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits / sampling.temperature, dim=-1)
+    if 0 < sampling.top_k < logits.numel():
+        kept, order = torch.topk(logits, sampling.top_k)  # sorted, largest first
+        probs = torch.softmax(kept / sampling.temperature, dim=-1)
+    else:
+        probs = torch.softmax(logits / sampling.temperature, dim=-1)
+        order = None
+        if sampling.top_p < 1.0:
+            probs, order = torch.sort(probs, descending=True)
     if sampling.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        cumulative = torch.cumsum(sorted_probs, dim=-1)
+        cumulative = torch.cumsum(probs, dim=-1)
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-        sorted_probs[(cumulative - sorted_probs) >= sampling.top_p] = 0.0
-        choice = torch.multinomial(sorted_probs, 1, generator=generator)
-        return int(order[choice])
-    return int(torch.multinomial(probs, 1, generator=generator))
+        probs[(cumulative - probs) >= sampling.top_p] = 0.0
+    choice = int(torch.multinomial(probs, 1, generator=generator))
+    return choice if order is None else int(order[choice])
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:

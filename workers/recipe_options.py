@@ -108,6 +108,13 @@ LLM = OptionSpec("llm", (
            low=1),
     Option("max_context", ("integer",), "tokens of context to allow (the model's own)", low=16),
     Option("chat_template", ("string",), "a Jinja chat template replacing the tokenizer's"),
+    # Sampling defaults for requests that set none (a request's own value wins); the same
+    # ranges as a request's (workers.llm.knob_problem also refuses top_p = 0).
+    Option("temperature", ("number",), "default temperature; 0 = greedy (1.0)", low=0, high=2),
+    Option("top_p", ("number",), "default nucleus mass, above 0 (1.0 = off)", low=0, high=1),
+    Option("top_k", ("integer",), "default top-k (0 = off)", low=0, high=1_000_000),
+    Option("repetition_penalty", ("number",), "default penalty on seen tokens (1.0 = off)",
+           low=1, high=2),
 ))
 
 EMBEDDING = OptionSpec("embedding", (

@@ -157,13 +157,21 @@ def _sampling(body: Body) -> dict[str, Any]:
             raise BadRequest("'max_tokens' and 'max_completion_tokens' disagree; send one")
         max_tokens = max_completion
     args: dict[str, Any] = {
-        "temperature": body.number("temperature", default=1.0, low=0.0, high=2.0),
-        "top_p": body.number("top_p", default=1.0, low=0.0, high=1.0),
         "stop": _stop(body.data.get("stop")),
         "stream": body.boolean("stream", default=False),
     }
-    if args["top_p"] <= 0.0:
-        raise BadRequest(f"'top_p' must be greater than 0 and at most 1, got {args['top_p']}")
+    # Sampling knobs go to the worker only when the request sets them: one it leaves out
+    # takes the recipe's default there ([models.X.options] temperature = 0.2, ...).
+    # top_k and repetition_penalty are not OpenAI's; vLLM and llama.cpp accept them so.
+    for name, low, high in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0),
+                            ("repetition_penalty", 1.0, 2.0)):
+        if body.data.get(name) is not None:
+            args[name] = body.number(name, default=low, low=low, high=high)
+    if args.get("top_p") == 0.0:
+        raise BadRequest("'top_p' must be greater than 0 and at most 1, got 0")
+    top_k = _integer(body, "top_k", low=0, high=1_000_000)
+    if top_k is not None:
+        args["top_k"] = top_k
     if max_tokens is not None:
         args["max_tokens"] = max_tokens
     seed = _integer(body, "seed", low=-MAX_SEED, high=MAX_SEED)
