@@ -5,15 +5,18 @@ Four arms, measured side by side in one run (each round times every arm once, in
 noisy neighbour hits all arms alike):
 
 * **generate**: ``model.generate`` in this process on the folder the llm kind converted from
-  the GGUF (same weights, float32, greedy, this process's torch threads), with a streamer
+  the GGUF (same weights, the recipe's dtype, greedy, this process's torch threads), with a streamer
   that only notes the time of each token, for the time to the first token;
 * **kind**: :class:`workers.llm.CausalLMModel` loaded and called in this process (``chat``,
   streamed, temperature 0), the code a worker runs, without the worker around it;
 * **http stream** / **http whole**: ``lemonade serve`` on the shipped config, called with the
-  ``openai`` client: ``chat.completions.create(stream=True)`` and without streaming.
+  ``openai`` client: ``chat.completions.create(stream=True)`` and without streaming;
+* **kind float32**: the kind again with the recipe's ``dtype`` replaced by float32 (the kind's
+  CPU default), to show what the recipe's dtype buys.
 
 Every arm sends the same chat message through the same chat template and asks for the same
-number of tokens at temperature 0, so they do the same work; the greedy answers are compared
+number of tokens at temperature 0 (with the recipe's repetition penalty), so they do the same
+work; the greedy answers are compared
 (they must be equal) and a run that stops before ``--tokens`` says so. Decode tokens/s is
 ``(tokens - 1) / (total - time to first token)``: the warm per-token rate, prefill excluded.
 Round 0 warms everything up (the server's first request loads the model) and is not counted.
@@ -42,7 +45,7 @@ SHIPPED = ROOT / "lemonade.toml"
 MODEL = "smollm2"
 #: Long enough an answer that greedy decoding runs past the token count without an EOS.
 PROMPT = "Write a long story about a dragon who learns to bake bread."
-ARMS = ("generate", "kind", "http stream", "http whole")
+ARMS = ("generate", "kind", "http stream", "http whole", "kind float32")
 
 
 def shipped_recipe(config: Path) -> Any:
@@ -73,6 +76,16 @@ class InProcess:
         info = self.kind.load(LoadRequest(name=MODEL, type="llm", device="cpu",
                                           options=dict(recipe.options)),
                               LoadContext(lambda *_: None)).info
+        # The same recipe in float32, the llm kind's CPU default (and smollm2's before it
+        # asked for bfloat16): what the recipe's dtype buys, measured in the same run.
+        self.kind_fp32 = CausalLMModel()
+        self.kind_fp32.load(LoadRequest(name=MODEL, type="llm", device="cpu",
+                                        options={**recipe.options, "dtype": "float32"}),
+                            LoadContext(lambda *_: None))
+        self.dtype = info["dtype"]
+        # The recipe's repetition penalty applies to the kind's calls (they do not set one),
+        # so generate gets it too: same work, and the same greedy text if both are right.
+        self.penalty = float(recipe.options.get("repetition_penalty", 1.0))
         folder = info["path"]
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.model = AutoModelForCausalLM.from_pretrained(
@@ -103,13 +116,14 @@ class InProcess:
         started = time.perf_counter()
         with self.torch.inference_mode():
             out = self.model.generate(self.ids, max_new_tokens=tokens, do_sample=False,
-                                      streamer=clock, pad_token_id=self.tokenizer.eos_token_id)
+                                      repetition_penalty=self.penalty, streamer=clock,
+                                      pad_token_id=self.tokenizer.eos_token_id)
         ended = time.perf_counter()
         new = out[0, self.ids.shape[1]:].tolist()
         text = self.tokenizer.decode(new, skip_special_tokens=True)
         return _row(started, clock.times[1], ended, len(new), text)
 
-    def call_kind(self, tokens: int) -> dict[str, Any]:
+    def call_kind(self, tokens: int, model: Any = None) -> dict[str, Any]:
         from workers.base import CallContext
 
         pieces: list[str] = []
@@ -121,8 +135,8 @@ class InProcess:
             pieces.append(piece)
 
         started = time.perf_counter()
-        result = self.kind.call("chat", _args(tokens, stream=True),
-                                CallContext(emit, threading.Event()))
+        result = (model or self.kind).call("chat", _args(tokens, stream=True),
+                                           CallContext(emit, threading.Event()))
         ended = time.perf_counter()
         return _row(started, first[0], ended, result["completion_tokens"], "".join(pieces))
 
@@ -181,7 +195,8 @@ def decode_rate(row: dict[str, Any]) -> float | None:
     return (row["tokens"] - 1) / (row["total"] - row["ttft"])
 
 
-def report(results: dict[str, list[dict[str, Any]]], tokens: int, threads: int) -> None:
+def report(results: dict[str, list[dict[str, Any]]], tokens: int, threads: int,
+           dtype: str) -> None:
     rounds = len(results["generate"])
     base_rate = statistics.median(r for r in map(decode_rate, results["generate"]) if r)
     base_total = statistics.median(r["total"] for r in results["generate"])
@@ -201,16 +216,29 @@ def report(results: dict[str, list[dict[str, Any]]], tokens: int, threads: int) 
             total, total_p99, f"{total / base_total:.2f}x",
             statistics.median(r["tokens"] for r in measured),
         ])
-    print_table(f"Warm chat decode, {tokens} tokens at temperature 0, {threads} torch threads "
+    print_table(f"Warm chat decode, {tokens} tokens at temperature 0, {dtype} (the recipe's; "
+                f"the last arm float32), {threads} torch threads "
                 f"({rounds} rounds, medians; p99 = the slowest of so few)",
                 ["arm", "decode tok/s", "range", "vs generate", "first token s", "total s",
                  "p99", "vs generate", "tokens"], rows)
+    # In float32 every arm gives generate's greedy text exactly; in bfloat16 two equivalent
+    # computations (generate passes an attention mask and positions, the kind does not) round
+    # differently and a near tie flips some tens of tokens in, so the shared prefix is shown.
     reference = results["generate"][-1]["text"]
-    verdicts = [[arm, "yes" if all(r["text"] == reference for r in results[arm]) else "**no**",
+    verdicts = [[arm, "all" if all(r["text"] == reference for r in results[arm]) else
+                 f"{min(_shared(r['text'], reference) for r in results[arm])} of "
+                 f"{len(reference)}",
                  "yes" if all(r["tokens"] == tokens for r in results[arm]) else "**no**"]
-                for arm in ARMS]
-    print_table("Same work in every arm", ["arm", "same greedy text as generate",
+                for arm in ARMS if arm != "kind float32"]  # another dtype: other rounding
+    print_table("Same work in every arm", ["arm", "characters of generate's greedy text shared",
                                            f"all {tokens} tokens"], verdicts)
+
+
+def _shared(a: str, b: str) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def main() -> None:
@@ -236,7 +264,8 @@ def main() -> None:
                                max_retries=0, timeout=900) as client:
                 arms = {"generate": local.generate, "kind": local.call_kind,
                         "http stream": lambda n: http_stream(client, n),
-                        "http whole": lambda n: http_whole(client, n)}
+                        "http whole": lambda n: http_whole(client, n),
+                        "kind float32": lambda n: local.call_kind(n, local.kind_fp32)}
                 for round_no in range(args.rounds + 1):
                     started = time.monotonic()
                     for arm, run in arms.items():
@@ -245,11 +274,14 @@ def main() -> None:
                             results[arm].append(row)
                     print(f"round {round_no}{' (not counted)' if round_no == 0 else ''} "
                           f"took {time.monotonic() - started:.0f}s", flush=True)
-                info = server.model_row(MODEL).get("info") or {}
+                row = server.model_row(MODEL)
+                info = row.get("info") or {}
         finally:
             server.stop()
-    print(f"worker: {info.get('threads', '?')} torch threads; this process: {local.threads}")
-    report(results, args.tokens, local.threads)
+    rss = (row.get("memory") or {}).get("rss_bytes") or 0
+    print(f"worker: {info.get('threads', '?')} torch threads, {info.get('dtype')}, "
+          f"RSS {rss / 2**20:.0f} MiB after the run; this process: {local.threads} threads")
+    report(results, args.tokens, local.threads, local.dtype)
 
 
 if __name__ == "__main__":

@@ -331,6 +331,7 @@ class CausalLMModel(Model):
             "cache_used": cache_used,
             "weights_loader": loader,
             "dtype": str(dtype).removeprefix("torch."),
+            "threads": torch.get_num_threads(),
             "parameters": sum(p.numel() for p in model.parameters()),
             "context": self._context,
             "architecture": getattr(model.config, "model_type", "?"),
