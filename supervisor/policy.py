@@ -12,8 +12,11 @@ The rules, all of which must hold at once with the target counted as resident:
 * exclusive groups: no other member of the target's exclusive group stays;
 * count caps: ``max_loaded_per_type[target.type]`` and ``max_loaded_models``, least
   recently used first, whatever the priority;
-* memory budget: the costs add up to at most the budget; victims are the lowest priority
-  first and never a model of higher priority than the target.
+* memory budgets, one per device: on each device (``cpu`` = RAM, ``cuda:N`` = a GPU's
+  VRAM) the costs charged to it add up to at most its budget; victims are the lowest
+  priority first and never a model of higher priority than the target. Only models that
+  hold memory on the device that is short are victims for it: a CPU model is never
+  evicted to make VRAM room, and a GPU model only for the RAM it really holds.
 
 Pinned models, models younger than ``min_residency_s`` and models that are loading or
 stopping are never victims. Idle models are preferred to busy ones (a busy victim is
@@ -63,6 +66,12 @@ class Resident:
     loaded_at: float
     busy: bool
     state: ResidentState = ResidentState.READY
+    #: Memory on devices other than the CPU (``{"cuda:0": vram_bytes}``); ``cost_bytes`` is
+    #: what it holds on the CPU.
+    device_costs: Mapping[str, int] = field(default_factory=dict)
+
+    def charge(self, device: str) -> int:
+        return self.cost_bytes if device == CPU else self.device_costs.get(device, 0)
 
 
 @dataclass(frozen=True)
@@ -74,6 +83,14 @@ class Target:
     group: str | None
     priority: int
     cost_bytes: int
+    device_costs: Mapping[str, int] = field(default_factory=dict)
+
+    def charge(self, device: str) -> int:
+        return self.cost_bytes if device == CPU else self.device_costs.get(device, 0)
+
+
+#: The device whose budget is ``Limits.memory_budget_bytes`` (RAM).
+CPU = "cpu"
 
 
 @dataclass(frozen=True)
@@ -85,6 +102,13 @@ class Limits:
     memory_budget_bytes: int | None = None
     exclusive_groups: frozenset[str] = frozenset()
     min_residency_s: float = 0.0
+    #: Budgets of the devices other than the CPU (``{"cuda:0": 16 << 30}``).
+    device_budgets: Mapping[str, int] = field(default_factory=dict)
+
+    def budgets(self) -> list[tuple[str, int]]:
+        """Every device with a budget, the CPU first, then by name."""
+        out = [] if self.memory_budget_bytes is None else [(CPU, self.memory_budget_bytes)]
+        return out + sorted(self.device_budgets.items())
 
     def __post_init__(self) -> None:
         # A cap below 1 would make a model type unloadable with nobody to blame, and a
@@ -96,6 +120,10 @@ class Limits:
                 raise ValueError(f"max_loaded_per_type[{kind!r}] must be at least 1, got {cap}")
         if self.memory_budget_bytes is not None and self.memory_budget_bytes < 0:
             raise ValueError(f"memory_budget_bytes must be >= 0, got {self.memory_budget_bytes}")
+        for device, budget in self.device_budgets.items():
+            if device == CPU or budget < 0:
+                raise ValueError(f"device_budgets[{device!r}] must be a non-CPU device with a "
+                                 f"budget >= 0, got {budget}")
         if self.min_residency_s < 0:
             raise ValueError(f"min_residency_s must be >= 0, got {self.min_residency_s}")
 
@@ -180,16 +208,17 @@ def plan_admission(
 ) -> Plan | Refusal:
     """Return the victims that make room for ``target``, or explain why there is none."""
     _check_names(target, residents)
-    budget = limits.memory_budget_bytes
-    if budget is not None and target.cost_bytes > budget:
-        return Refusal(
-            status=409,
-            message=(
-                f"cannot load {target.name!r}: it needs {_fmt_bytes(target.cost_bytes)} "
-                f"but memory_budget is {_fmt_bytes(budget)}"
-            ),
-            blocking=(),
-        )
+    for device, budget in limits.budgets():
+        if target.charge(device) > budget:
+            return Refusal(
+                status=409,
+                message=(
+                    f"cannot load {target.name!r}: it needs {_fmt_bytes(target.charge(device))} "
+                    f"{'' if device == CPU else f'on {device} '}but "
+                    f"{_budget_name(device)} is {_fmt_bytes(budget)}"
+                ),
+                blocking=(),
+            )
 
     def now_rank(r: Resident) -> int | None:
         return 0 if _obstacle(r, limits, now) is None else None
@@ -328,37 +357,40 @@ def _greedy(
         for r in movable[:need]:
             take(r, EvictionReason.LRU, rule)
 
-    budget = limits.memory_budget_bytes
-    if budget is not None:
-        used = sum(r.cost_bytes for r in left())
-        if used + target.cost_bytes > budget:
-            rule = (
-                f"memory_budget={_fmt_bytes(budget)} is exceeded "
-                f"({_fmt_bytes(used)} in use + {_fmt_bytes(target.cost_bytes)} needed)"
+    for device, budget in limits.budgets():
+        # The CPU's budget is checked even for a target that adds nothing to it (an
+        # over-full RAM budget is made good at the next admission); another device only
+        # when the target needs room there.
+        if device != CPU and target.charge(device) == 0:
+            continue
+        need = target.charge(device)
+        used = sum(r.charge(device) for r in left())
+        if used + need <= budget:
+            continue
+        name = _budget_name(device)
+        rule = (f"{name}={_fmt_bytes(budget)} is exceeded "
+                f"({_fmt_bytes(used)} in use + {_fmt_bytes(need)} needed)")
+        # Freeing a model that holds nothing on this device does not help, so it is never
+        # chosen. A stopping model is leaving whatever its priority, so it may be counted on.
+        pool = [
+            r
+            for r in left()
+            if r.charge(device) > 0
+            and (r.priority <= target.priority or r.state == ResidentState.STOPPING)
+        ]
+        for r in _candidates(pool, rank, _memory_key):
+            if used + need <= budget:
+                break
+            take(r, EvictionReason.MEMORY, rule)
+            used -= r.charge(device)
+        if used + need > budget:
+            rule = (f"{name}={_fmt_bytes(budget)} is exceeded "
+                    f"({_fmt_bytes(used)} cannot be freed + {_fmt_bytes(need)} needed)")
+            in_the_way = sorted((r for r in left() if r.charge(device) > 0),
+                                key=lambda r: r.name)
+            return _Stuck(
+                rule, tuple((r, _why(r, target, limits, now, memory=True)) for r in in_the_way)
             )
-            # Freeing a model that costs nothing does not help, so it is never chosen. A
-            # stopping model is leaving whatever its priority, so it may be counted on.
-            pool = [
-                r
-                for r in left()
-                if r.cost_bytes > 0
-                and (r.priority <= target.priority or r.state == ResidentState.STOPPING)
-            ]
-            for r in _candidates(pool, rank, _memory_key):
-                if used + target.cost_bytes <= budget:
-                    break
-                take(r, EvictionReason.MEMORY, rule)
-                used -= r.cost_bytes
-            if used + target.cost_bytes > budget:
-                rule = (
-                    f"memory_budget={_fmt_bytes(budget)} is exceeded "
-                    f"({_fmt_bytes(used)} cannot be freed + "
-                    f"{_fmt_bytes(target.cost_bytes)} needed)"
-                )
-                in_the_way = sorted((r for r in left() if r.cost_bytes > 0), key=lambda r: r.name)
-                return _Stuck(
-                    rule, tuple((r, _why(r, target, limits, now, memory=True)) for r in in_the_way)
-                )
     return picks
 
 
@@ -375,8 +407,17 @@ def _rules_hold(
         return False
     if limits.max_loaded_models is not None and len(stay) + 1 > limits.max_loaded_models:
         return False
-    budget = limits.memory_budget_bytes
-    return budget is None or sum(r.cost_bytes for r in stay) + target.cost_bytes <= budget
+    for device, budget in limits.budgets():
+        if device != CPU and target.charge(device) == 0:
+            continue
+        if sum(r.charge(device) for r in stay) + target.charge(device) > budget:
+            return False
+    return True
+
+
+def _budget_name(device: str) -> str:
+    """``memory_budget`` for the CPU (its config key), ``the budget of cuda:0`` otherwise."""
+    return "memory_budget" if device == CPU else f"the budget of {device}"
 
 
 def _prune(
