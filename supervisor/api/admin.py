@@ -17,7 +17,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from supervisor import __version__
-from supervisor.api.body import read_body
+from supervisor.api import schemas
+from supervisor.api.body import Body, parse_json_object
 from supervisor.api.keys import MANAGER, METRICS, SHUTTING_DOWN, STARTED_AT
 from supervisor.errors import BadRequest
 from supervisor.lifecycle import State
@@ -25,48 +26,37 @@ from supervisor.status import model_rows
 
 routes = web.RouteTableDef()
 
-_ERR = {code: {"$ref": f"#/components/responses/{name}"} for code, name in (
-    ("400", "BadRequest"), ("401", "Unauthorized"), ("403", "Forbidden"), ("404", "NotFound"),
-    ("409", "Conflict"), ("413", "PayloadTooLarge"), ("502", "WorkerFailed"),
-    ("503", "Unavailable"), ("504", "Timeout"))}
-_NAME = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"}
-_DURATION = {"oneOf": [{"type": "number", "minimum": 0}, {"type": "string", "maxLength": 32}]}
+_TEXT = {"schema": {"type": "string"}}
 
-
-def _op(summary: str, body: dict[str, Any] | None = None, *, media: str = "application/json",
-        required: bool = True) -> dict[str, Any]:
-    operation: dict[str, Any] = {
-        "summary": summary,
-        "responses": {"200": {"description": "success",
-                              "content": {media: {"schema": {"type": "object"}
-                                                  if media == "application/json"
-                                                  else {"type": "string"}}}},
-                      **_ERR},
-    }
-    if body is not None:
-        operation["requestBody"] = {"required": required, "content": {"application/json": {
-            "schema": {"type": "object", **body}}}}
-    return operation
-
-
-#: This module's routes for GET /openapi.json (see supervisor/api/openapi.py).
+#: This module's routes for GET /openapi.json (see supervisor/api/openapi.py); the request
+#: schemas are the ones the handlers check bodies with (supervisor/api/schemas.py).
 OPENAPI_PATHS: dict[str, dict[str, Any]] = {
-    "/health": {"get": _op("Liveness (no API key needed)")},
-    "/api/v1/health": {"get": _op("Loaded models (Lemonade)")},
-    "/api/v1/status": {"get": _op("Every model: state, pid, memory, idle timeout")},
-    "/api/v1/load": {"post": _op("Load (and optionally pin) a model", {
-        "required": ["model_name"],
-        "properties": {"model_name": _NAME, "pinned": {"type": "boolean"},
-                       "idle_timeout": _DURATION}})},
-    "/api/v1/unload": {"post": _op("Unload one model, or all without model_name", {
-        "properties": {"model_name": _NAME, "force": {"type": "boolean"}}}, required=False)},
-    "/api/v1/timeout": {"post": _op("Set the idle timeout of one model or of all", {
-        "required": ["idle_timeout"],
-        "properties": {"model_name": _NAME, "idle_timeout": _DURATION}})},
-    "/api/v1/events": {"get": _op("Lifecycle events (server-sent events)",
-                                  media="text/event-stream")},
-    "/api/ps": {"get": _op("Resident models (Ollama)")},
-    "/metrics": {"get": _op("Prometheus metrics", media="text/plain")},
+    "/health": {"get": schemas.operation("Liveness (no API key needed)",
+                                         ok=schemas.json_response("Health"))},
+    "/api/v1/health": {"get": schemas.operation("Loaded models (Lemonade)",
+                                                ok=schemas.json_response("LemonadeHealth"))},
+    "/api/v1/status": {"get": schemas.operation(
+        "Every model: state, pid, memory, idle timeout", ok=schemas.json_response("Status"))},
+    "/api/v1/load": {"post": schemas.operation(
+        "Load (and optionally pin) a model; answers when it is ready",
+        request="LoadRequest", ok=schemas.json_response("LoadResult"),
+        error_statuses=schemas.MODEL_ROUTE)},
+    "/api/v1/unload": {"post": schemas.operation(
+        "Unload one model, or all without model_name", request="UnloadRequest",
+        request_required=False, ok=schemas.json_response("UnloadResult"),
+        error_statuses=(*schemas.BODY_ROUTE, "404", "409", "503", "504"))},
+    "/api/v1/timeout": {"post": schemas.operation(
+        "Set the idle timeout of one model or of all", request="TimeoutRequest",
+        ok=schemas.json_response("TimeoutResult"),
+        error_statuses=(*schemas.BODY_ROUTE, "404"))},
+    "/api/v1/events": {"get": schemas.operation(
+        "Lifecycle events (server-sent events)",
+        ok={"description": "an endless event stream", "content": {"text/event-stream": _TEXT}})},
+    "/api/ps": {"get": schemas.operation("Resident models (Ollama)",
+                                         ok=schemas.json_response("RunningModels"))},
+    "/metrics": {"get": schemas.operation(
+        "Prometheus metrics", ok={"description": "Prometheus text format",
+                                  "content": {"text/plain": _TEXT}})},
 }
 
 _SSE_KEEPALIVE_S = 15.0
@@ -132,11 +122,13 @@ async def status(request: web.Request) -> web.Response:
 @routes.post("/api/v1/load")
 async def load(request: web.Request) -> web.Response:
     manager = request.app[MANAGER]
-    body = await read_body(request)
+    raw = parse_json_object(await request.read())
     for field in _LOAD_REFUSED_FIELDS:
-        if field in body.data:
+        if field in raw:
             raise BadRequest(f"'{field}' is not accepted: models are loaded by name, from the "
                              f"configured recipes only")
+    schemas.check("LoadRequest", raw)
+    body = Body(raw)
     name = body.model_name("model_name")
     assert name is not None
     pinned = body.boolean("pinned", default=False) if body.has("pinned") else None
@@ -155,7 +147,7 @@ async def load(request: web.Request) -> web.Response:
 @routes.post("/api/v1/unload")
 async def unload(request: web.Request) -> web.Response:
     manager = request.app[MANAGER]
-    body = await read_body(request, allow_empty=True)
+    body = await schemas.read_valid_body(request, "UnloadRequest", allow_empty=True)
     name = body.model_name("model_name", required=False)
     force = body.boolean("force", default=False)
     if name is None:
@@ -173,7 +165,7 @@ async def unload(request: web.Request) -> web.Response:
 @routes.post("/api/v1/timeout")
 async def set_timeout(request: web.Request) -> web.Response:
     manager = request.app[MANAGER]
-    body = await read_body(request)
+    body = await schemas.read_valid_body(request, "TimeoutRequest")
     name = body.model_name("model_name", required=False)
     seconds = body.idle_timeout("idle_timeout", required=True)
     assert seconds is not None

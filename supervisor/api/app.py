@@ -68,9 +68,14 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             413: f"request body is larger than the {MAX_BODY_BYTES} byte limit",
         }.get(e.status, e.reason)
         code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+        allow = None
+        if isinstance(e, web.HTTPMethodNotAllowed):  # RFC 9110: a 405 says what is allowed
+            methods = sorted(m for m in e.allowed_methods if m != "*")
+            allow = {"Allow": ", ".join(methods)}
+            message += f" (allowed: {', '.join(methods)})"
         return error_response(
             e.status, message, type_="invalid_request_error",
-            code=code.get(e.status, "http_error"),
+            code=code.get(e.status, "http_error"), headers=allow,
         )
     except Exception:
         log.exception("unhandled error in %s %s (this is a bug)", request.method, request.path)

@@ -24,7 +24,8 @@ from typing import Any
 from aiohttp import web
 
 from supervisor.api.access_log import note_first_token
-from supervisor.api.body import Body, read_body
+from supervisor.api import schemas
+from supervisor.api.body import Body
 from supervisor.api.keys import MANAGER, METRICS
 from supervisor.api.openai import require_model_type
 from supervisor.errors import BadRequest, LemonadeError, WorkerFailed
@@ -272,7 +273,8 @@ class _Shape:
 
 async def _generate(request: web.Request, *, chat: bool) -> web.StreamResponse:
     manager = request.app[MANAGER]
-    body = await read_body(request)
+    body = await schemas.read_valid_body(
+        request, "ChatCompletionRequest" if chat else "CompletionRequest")
     model = body.model_name("model")
     assert model is not None
     if chat:
@@ -362,3 +364,25 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 @routes.post("/v1/completions")
 async def completions(request: web.Request) -> web.StreamResponse:
     return await _generate(request, chat=False)
+
+
+def _generation_ok(whole: str, chunk: str) -> dict[str, Any]:
+    return {"description": f"a {whole} object, or with stream: true server-sent events, each "
+                           f"`data: <{chunk}>` and a last `data: [DONE]`",
+            "headers": schemas.WORKER_PID_HEADER,
+            "content": {"application/json": {"schema": schemas.ref(whole)},
+                        "text/event-stream": {"schema": {"type": "string"}}}}
+
+
+#: This module's routes for GET /openapi.json; bodies are checked against these schemas.
+OPENAPI_PATHS: dict[str, dict[str, Any]] = {
+    "/v1/chat/completions": {"post": schemas.operation(
+        "Chat completion (OpenAI), streamed with stream: true",
+        request="ChatCompletionRequest",
+        ok=_generation_ok("ChatCompletion", "ChatCompletionChunk"),
+        error_statuses=schemas.MODEL_ROUTE)},
+    "/v1/completions": {"post": schemas.operation(
+        "Text completion (OpenAI legacy), streamed with stream: true",
+        request="CompletionRequest", ok=_generation_ok("Completion", "CompletionChunk"),
+        error_statuses=schemas.MODEL_ROUTE)},
+}

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Any
 
 from aiohttp import web
 
-from supervisor.api.body import read_body
+from supervisor.api import schemas
 from supervisor.api.keys import MANAGER
 from supervisor.errors import BadRequest, ServiceUnavailable
 from supervisor.lifecycle import Slot, State
@@ -26,6 +27,26 @@ routes = web.RouteTableDef()
 MIN_TIMEOUT_S = 60
 #: Kokoro's language codes (TorchTS reports them as ``available_languages``).
 KOKORO_LANGUAGES = ("a", "b", "e", "f", "h", "i", "j", "p", "z")
+#: What the default model's absence or a server not up yet answers on every route here.
+_ERRORS = (*schemas.BODY_ROUTE, "404", "409", "503", "504")
+
+#: This module's routes for GET /openapi.json; the bodies are checked against these schemas.
+OPENAPI_PATHS: dict[str, dict[str, Any]] = {
+    "/dev/unload": {"post": schemas.operation(
+        "Kokoro-FastAPI: unload the default model now", request="EmptyRequest",
+        request_required=False, ok=schemas.json_response("KokoroUnloaded"),
+        error_statuses=_ERRORS)},
+    "/model/status": {"get": schemas.operation(
+        "TorchTS: the default model's state", ok=schemas.json_response("TorchTSStatus"),
+        error_statuses=(*schemas.ANY_ROUTE, "404", "503"))},
+    "/model/unload": {"post": schemas.operation(
+        "TorchTS: unload the default model now", request="EmptyRequest",
+        request_required=False, ok=schemas.json_response("Message"), error_statuses=_ERRORS)},
+    "/model/timeout": {"post": schemas.operation(
+        "TorchTS: set the default model's idle timeout (at least 60 s)",
+        request="ModelTimeoutRequest", ok=schemas.json_response("Message"),
+        error_statuses=_ERRORS)},
+}
 
 
 def _default_slot(manager: Manager) -> Slot:
@@ -46,6 +67,7 @@ def _default_slot(manager: Manager) -> Slot:
 async def dev_unload(request: web.Request) -> web.Response:
     """Kokoro-FastAPI: release the model's memory now; the next request reloads it."""
     manager = request.app[MANAGER]
+    await schemas.read_valid_body(request, "EmptyRequest", allow_empty=True)
     slot = _default_slot(manager)
     await manager.unload(slot.name)
     return web.json_response({"status": "unloaded"})
@@ -78,6 +100,7 @@ async def model_status(request: web.Request) -> web.Response:
 @routes.post("/model/unload")
 async def model_unload(request: web.Request) -> web.Response:
     manager = request.app[MANAGER]
+    await schemas.read_valid_body(request, "EmptyRequest", allow_empty=True)
     slot = _default_slot(manager)
     await manager.unload(slot.name)
     return web.json_response({"message": "Model unloaded successfully"})
@@ -86,8 +109,8 @@ async def model_unload(request: web.Request) -> web.Response:
 @routes.post("/model/timeout")
 async def model_timeout(request: web.Request) -> web.Response:
     manager = request.app[MANAGER]
+    body = await schemas.read_valid_body(request, "ModelTimeoutRequest")
     slot = _default_slot(manager)
-    body = await read_body(request)
     if not body.has("timeout_seconds"):
         raise BadRequest("'timeout_seconds' is required (seconds, at least 60)")
     seconds = body.number("timeout_seconds", default=0, low=MIN_TIMEOUT_S, high=365 * 86400)

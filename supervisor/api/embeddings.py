@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from supervisor.api.body import read_body
+from supervisor.api import schemas
 from supervisor.api.keys import MANAGER
 from supervisor.api.openai import require_model_type
 from supervisor.errors import BadRequest, WorkerFailed
@@ -25,6 +25,15 @@ routes = web.RouteTableDef()
 #: OpenAI's own limits: 2048 inputs per request.
 MAX_INPUTS = 2048
 MAX_DIMENSIONS = 65536
+
+#: This module's routes for GET /openapi.json; bodies are checked against these schemas.
+OPENAPI_PATHS: dict[str, dict[str, Any]] = {
+    "/v1/embeddings": {"post": schemas.operation(
+        "Embeddings (OpenAI): float arrays or base64 of little-endian float32",
+        request="EmbeddingsRequest",
+        ok=schemas.json_response("Embeddings", headers=schemas.WORKER_PID_HEADER),
+        error_statuses=schemas.MODEL_ROUTE)},
+}
 
 
 def _inputs(value: Any) -> list[str]:
@@ -76,7 +85,7 @@ def as_floats(raw: bytes) -> list[float]:
 @routes.post("/v1/embeddings")
 async def embeddings(request: web.Request) -> web.Response:
     manager = request.app[MANAGER]
-    body = await read_body(request)
+    body = await schemas.read_valid_body(request, "EmbeddingsRequest")
     model = body.model_name("model")
     assert model is not None
     texts = _inputs(body.data.get("input"))

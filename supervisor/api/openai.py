@@ -12,10 +12,11 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
-from supervisor.api.body import read_body
+from supervisor.api import schemas
 from supervisor.api.keys import MANAGER, STARTED_AT
 from supervisor.errors import BadRequest, LemonadeError, WorkerFailed
 from supervisor.lifecycle import State
@@ -35,6 +36,36 @@ AUDIO_CONTENT_TYPES = {
     "mp3": "audio/mpeg",
     "opus": "audio/ogg",
     "aac": "audio/aac",
+}
+
+_VOICES_PARAMETERS = [{
+    "name": "model", "in": "query",
+    "description": "a speech model (default: the default model, or the only speech model)",
+    # Any spelling: a name that is not configured is this route's 404.
+    "schema": {"type": "string", "minLength": 1, schemas.MODEL_TYPE_KEY: "tts"},
+    schemas.DEFAULT_MODEL_KEY: "tts",
+}]
+
+#: This module's routes for GET /openapi.json; bodies are checked against these schemas.
+OPENAPI_PATHS: dict[str, dict[str, Any]] = {
+    "/v1/models": {"get": schemas.operation("List the configured models (OpenAI)",
+                                            ok=schemas.json_response("ModelList"))},
+    "/v1/models/{model}": {"get": schemas.operation(
+        "One configured model (OpenAI)", ok=schemas.json_response("Model"),
+        error_statuses=(*schemas.ANY_ROUTE, "404"),
+        parameters=[{"name": "model", "in": "path", "required": True,
+                     "schema": schemas.model_name("*")}])},
+    "/v1/audio/speech": {"post": schemas.operation(
+        "Text to speech (OpenAI)", request="SpeechRequest",
+        ok={"description": "the audio, whole or streamed (chunked)",
+            "headers": schemas.WORKER_PID_HEADER,
+            "content": {media: {"schema": {"type": "string", "format": "binary"}}
+                        for media in dict.fromkeys(AUDIO_CONTENT_TYPES.values())}},
+        error_statuses=schemas.MODEL_ROUTE)},
+    "/v1/audio/voices": {"get": schemas.operation(
+        "The voices of a speech model (without loading it where the files tell)",
+        ok=schemas.json_response("Voices"), parameters=_VOICES_PARAMETERS,
+        error_statuses=("400", "401", "403", "404", "409", "429", "502", "503", "504"))},
 }
 
 
@@ -60,7 +91,7 @@ async def list_models(request: web.Request) -> web.Response:
 @routes.post("/v1/audio/speech")
 async def speech(request: web.Request) -> web.StreamResponse:
     manager = request.app[MANAGER]
-    body = await read_body(request)
+    body = await schemas.read_valid_body(request, "SpeechRequest")
     model = body.model_name("model")
     assert model is not None
     text = body.required_string("input", max_len=MAX_SPEECH_INPUT_CHARS)
@@ -125,6 +156,7 @@ async def voices(request: web.Request) -> web.Response:
     catalog does not know (a plugin) is loaded to ask it.
     """
     manager = request.app[MANAGER]
+    schemas.check_query(request, _VOICES_PARAMETERS)
     model = request.query.get("model") or _default_tts_model(manager)
     require_model_type(manager, model, "tts", request.path)
     slot = manager.slot(model)

@@ -4,15 +4,18 @@ The document is assembled when it is first asked for, from the routes actually r
 on the application, so it cannot describe a route that does not exist or miss one that does:
 
 * every route module may define ``OPENAPI_PATHS``: a dict ``{path: {method: operation}}`` in
-  OpenAPI 3.0 form (lower-case methods; ``$ref`` to ``#/components/schemas/Error`` and the
-  shared ``#/components/responses/*`` below are available). The module of each registered
-  handler is looked up and its ``OPENAPI_PATHS`` merged in;
+  OpenAPI 3.0 form (lower-case methods), usually made with :func:`schemas.operation`; every
+  schema of :mod:`supervisor.api.schemas` is at ``#/components/schemas/<name>`` (``Error``
+  and ``OllamaError`` among them), its error responses at ``#/components/responses/<name>``.
+  The module of each registered handler is looked up and its ``OPENAPI_PATHS`` merged in;
 * :data:`FALLBACK_PATHS` here describes routes whose modules do not (yet) document
   themselves; a module's own description wins;
 * any registered route still undescribed gets a minimal entry (its method, the JSON error
   responses), so fuzzers and clients see it anyway.
 
-Adding a route therefore needs nothing here: define ``OPENAPI_PATHS`` in its module.
+Adding a route therefore needs nothing here: define ``OPENAPI_PATHS`` in its module. The
+document is then fitted to the server (:func:`schemas.specialize`): model names become the
+configured ones.
 """
 
 from __future__ import annotations
@@ -26,105 +29,27 @@ from typing import Any
 from aiohttp import web
 
 from supervisor import __version__
+from supervisor.api import schemas
+from supervisor.api.keys import MANAGER
 
 routes = web.RouteTableDef()
 
 OPENAPI_PATHS: dict[str, dict[str, Any]] = {
-    "/openapi.json": {"get": {
-        "summary": "This document",
-        "responses": {"200": {"description": "OpenAPI 3.0 document",
-                              "content": {"application/json": {"schema": {"type": "object"}}}}},
-    }},
+    "/openapi.json": {"get": schemas.operation(
+        "This document (fitted to this server's configured models)",
+        ok=schemas.json_response("OpenAPIDocument", "OpenAPI 3.0 document"))},
 }
 
-
-def _json_body(schema: dict[str, Any], *, required: bool = True) -> dict[str, Any]:
-    return {"required": required, "content": {"application/json": {"schema": schema}}}
-
-
-def _ok(description: str, schema: dict[str, Any] | None = None,
-        media: str = "application/json") -> dict[str, Any]:
-    return {"description": description,
-            "content": {media: {"schema": schema or {"type": "object"}}}}
+#: Routes of modules that do not describe themselves; a module's own description wins.
+FALLBACK_PATHS: dict[str, dict[str, Any]] = {}
 
 
-_ERRORS = {
-    "400": {"$ref": "#/components/responses/BadRequest"},
-    "401": {"$ref": "#/components/responses/Unauthorized"},
-    "403": {"$ref": "#/components/responses/Forbidden"},
-    "404": {"$ref": "#/components/responses/NotFound"},
-    "413": {"$ref": "#/components/responses/PayloadTooLarge"},
-}
-_MODEL_ERRORS = {
-    **_ERRORS,
-    "409": {"$ref": "#/components/responses/Conflict"},
-    "429": {"$ref": "#/components/responses/TooManyRequests"},
-    "502": {"$ref": "#/components/responses/WorkerFailed"},
-    "503": {"$ref": "#/components/responses/Unavailable"},
-    "504": {"$ref": "#/components/responses/Timeout"},
-}
-_MODEL_NAME = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"}
-_DURATION = {"oneOf": [{"type": "number", "minimum": 0}, {"type": "string", "maxLength": 32}]}
-
-#: Routes of modules that do not describe themselves yet (openai.py's two routes).
-FALLBACK_PATHS: dict[str, dict[str, Any]] = {
-    "/v1/models": {"get": {
-        "summary": "List the configured models (OpenAI)",
-        "responses": {"200": _ok("the model list"), **_ERRORS},
-    }},
-    "/v1/audio/speech": {"post": {
-        "summary": "Text to speech (OpenAI)",
-        "requestBody": _json_body({
-            "type": "object",
-            "required": ["model", "input"],
-            "properties": {
-                "model": _MODEL_NAME,
-                "input": {"type": "string", "minLength": 1, "maxLength": 4096},
-                "voice": {"type": "string", "maxLength": 256},
-                "response_format": {"type": "string",
-                                    "enum": ["wav", "pcm", "flac", "mp3", "opus", "aac"]},
-                "speed": {"type": "number", "minimum": 0.25, "maximum": 4.0},
-                "stream": {"type": "boolean"},
-                "keep_alive": _DURATION,
-                "ttl": _DURATION,
-            },
-        }),
-        "responses": {"200": _ok("audio", {"type": "string", "format": "binary"},
-                                 "application/octet-stream"), **_MODEL_ERRORS},
-    }},
-}
-
-_COMPONENTS: dict[str, Any] = {
-    "schemas": {
-        "Error": {
-            "type": "object",
-            "required": ["error"],
-            "properties": {"error": {
-                "type": "object",
-                "required": ["message", "type", "code"],
-                "properties": {"message": {"type": "string"}, "type": {"type": "string"},
-                               "code": {"type": "string"}},
-            }},
-        },
-    },
-    "responses": {
-        name: {"description": text,
-               "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-        for name, text in (
-            ("BadRequest", "malformed or invalid request"),
-            ("Unauthorized", "missing or wrong API key"),
-            ("Forbidden", "Host or Origin not allowed"),
-            ("NotFound", "unknown model or route"),
-            ("Conflict", "pinned, protected, or can never fit"),
-            ("PayloadTooLarge", "body over the limit"),
-            ("TooManyRequests", "the model's max_queue is full (Retry-After)"),
-            ("WorkerFailed", "the worker died or broke the protocol"),
-            ("Unavailable", "load failed, busy, cooling down or shutting down (Retry-After)"),
-            ("Timeout", "load or call took too long"),
-        )
-    },
-    "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-}
+def _components() -> dict[str, Any]:
+    return {
+        "schemas": schemas.deep_copy_components(),
+        "responses": schemas.response_components(),
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+    }
 
 
 def _module_paths(module_name: str) -> Mapping[str, Any]:
@@ -141,16 +66,19 @@ def _module_paths(module_name: str) -> Mapping[str, Any]:
 def _undocumented(method: str, path: str) -> dict[str, Any]:
     """A registered route nobody described: any JSON object in, JSON errors out."""
     operation: dict[str, Any] = {
-        "summary": f"{method.upper()} {path}",
-        "responses": {"200": _ok("success"), **_MODEL_ERRORS},
+        "summary": f"{method.upper()} {path} (undocumented)",
+        "responses": {"200": {"description": "success",
+                              "content": {"application/json": {"schema": {"type": "object"}}}},
+                      **schemas.errors(schemas.MODEL_ROUTE)},
     }
     if method in ("post", "put", "patch"):
-        operation["requestBody"] = _json_body({"type": "object"}, required=False)
+        operation["requestBody"] = {"required": False, "content": {"application/json": {
+            "schema": {"type": "object"}}}}
     return operation
 
 
 def build_document(app: web.Application) -> dict[str, Any]:
-    """The OpenAPI document for the routes registered on ``app``."""
+    """The OpenAPI document for the routes registered on ``app``, fitted to its models."""
     registered: dict[str, set[str]] = {}
     documented: dict[str, dict[str, Any]] = {}
     modules: list[str] = []
@@ -175,15 +103,18 @@ def build_document(app: web.Application) -> dict[str, Any]:
             operation.setdefault("operationId", f"{method}_{path.strip('/').replace('/', '_')}"
                                  or method)
             paths.setdefault(path, {})[method] = operation
-    return {
+    document = {
         "openapi": "3.0.3",
         "info": {"title": "Lemonade Supervisor", "version": __version__,
                  "description": "A local OpenAI-compatible model server; one worker process "
                                 "per loaded model."},
         "paths": paths,
-        "components": copy.deepcopy(_COMPONENTS),
+        "components": _components(),
         "security": [{"bearer": []}, {}],
     }
+    if MANAGER in app:
+        schemas.specialize(document, app[MANAGER])
+    return document
 
 
 @routes.get("/openapi.json")

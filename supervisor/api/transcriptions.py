@@ -17,6 +17,7 @@ from typing import Any
 
 from aiohttp import BodyPartReader, web
 
+from supervisor.api import schemas
 from supervisor.api.keys import MANAGER
 from supervisor.api.openai import require_model_type
 from supervisor.config_values import MODEL_NAME_RE
@@ -39,6 +40,19 @@ _TEXT_FIELDS = frozenset({"model", "language", "prompt", "response_format", "tem
 _GRANULARITIES = "timestamp_granularities[]"
 _LANGUAGE_RE = re.compile(r"^[a-z]{2,3}$")
 _READ_CHUNK = 64 * 1024
+
+#: This module's routes for GET /openapi.json. The form is checked by :func:`validate`, field
+#: by field as the schema (``TranscriptionRequest`` in supervisor/api/schemas.py) says.
+OPENAPI_PATHS: dict[str, dict[str, Any]] = {
+    "/v1/audio/transcriptions": {"post": schemas.operation(
+        "Speech to text (OpenAI)", request="TranscriptionRequest", media="multipart/form-data",
+        ok={"description": "json / verbose_json: an object; text / srt: text/plain; vtt: "
+                           "text/vtt",
+            "content": {"application/json": {"schema": schemas.ref("Transcription")},
+                        "text/plain": {"schema": {"type": "string"}},
+                        "text/vtt": {"schema": {"type": "string"}}}},
+        error_statuses=schemas.MODEL_ROUTE)},
+}
 
 
 @dataclass
@@ -125,6 +139,15 @@ class TranscriptionRequest:
 def validate(form: TranscriptionForm) -> TranscriptionRequest:
     """The form as worker arguments; a 400 naming the field for anything wrong."""
     fields = form.fields
+    # The schema of the published document first (supervisor/api/schemas.py), on the fields
+    # as this function reads them (trimmed; an empty response_format is the default).
+    trimmed = {k: (v.strip() if k in ("model", "language", "response_format") else v)
+               for k, v in fields.items()}
+    if not trimmed.get("response_format"):
+        trimmed.pop("response_format", None)
+    schemas.check_form("TranscriptionRequest", trimmed,
+                       {_GRANULARITIES: form.granularities} if form.granularities else {},
+                       ["file"] if form.file is not None else [])
     model = fields.get("model", "").strip()
     if not model:
         raise BadRequest("'model' is required", code="missing_field")
