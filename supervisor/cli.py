@@ -48,8 +48,11 @@ def main() -> None:
 @click.option("--max-loaded-models",
               help="Most models resident at once; -1 = unlimited. [env LEMONADE_MAX_LOADED_MODELS]")
 @click.option("--memory-budget",
-              help='Memory all models may use: "12GiB", "auto" or "none". '
+              help='RAM all models may use (the cpu device\'s budget): "12GiB", "auto" or "none". '
                    "[env LEMONADE_MEMORY_BUDGET]")
+@click.option("--device-budget", "device_budget", multiple=True,
+              help='Budget of a GPU or NPU, DEVICE=SIZE: "cuda:0=16GiB", "cuda:1=auto"; '
+                   "repeatable. [env LEMONADE_DEVICE_BUDGETS, comma-separated]")
 @click.option("--preload", multiple=True,
               help="Model to load at start; repeatable. [env LEMONADE_PRELOAD, comma-separated]")
 @click.option("--default-model",
@@ -73,7 +76,7 @@ def main() -> None:
 def serve(**options: Any) -> None:
     """Run the server (API key only from LEMONADE_API_KEY, never a flag)."""
     cli = {key: value for key, value in options.items() if value not in (None, ())}
-    for key in ("recipes", "preload"):
+    for key in ("recipes", "preload", "device_budget"):
         if key in cli:
             cli[key] = list(cli[key])
     try:
@@ -171,6 +174,15 @@ def status(url: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
+    devices = data.get("devices") or []
+    if len(devices) > 1:  # the CPU alone is what the model table already says
+        click.echo(_table([["DEVICE", "TOTAL", "BUDGET", "OUR MODELS", "OTHERS", "FREE"]] + [
+            [d["name"] + ("" if d["seen"] else " (declared)")
+             + (" releasing" if d.get("releasing") else ""),
+             format_bytes(d["total_bytes"]), format_bytes(d["budget_bytes"]),
+             format_bytes(d["used_by_models_bytes"]), format_bytes(d["used_by_others_bytes"]),
+             format_bytes(d["free_bytes"])] for d in devices]))
+        click.echo("")
     rows = [["MODEL", "TYPE", "STATE", "PID", "RSS", "VRAM", "IDLE TIMEOUT", "SET BY",
              "EXPIRES IN", "LAST UNLOAD"]]
     for m in data["models"]:
@@ -180,7 +192,7 @@ def status(url: str | None, as_json: bool) -> None:
         rows.append([
             m["name"], m["type"], state, str(m["pid"] or "-"),
             format_bytes(m["memory"]["rss_bytes"] or None),
-            format_bytes(m["memory"]["vram_bytes"] or None),
+            _vram_cell(m),
             format_duration(float("inf") if timeout is None else timeout),
             m["idle_timeout_source"], _expires_in(m["expires_at"], m), last,
         ])
@@ -193,6 +205,12 @@ def status(url: str | None, as_json: bool) -> None:
         click.echo(_table([["KIND", "STATE", "PID", "RSS", "WORKERS", "IDLE EXIT IN", "FORKS"]] + [
             [z["kind"], z["state"], str(z["pid"] or "-"), format_bytes(z["rss_bytes"] or None),
              str(z.get("workers", "-")), _idle_exit_in(z), str(z["forks"])] for z in zygotes]))
+
+
+def _vram_cell(model: dict[str, Any]) -> str:
+    vram = format_bytes(model["memory"]["vram_bytes"] or None)
+    placed = model.get("placed_device")
+    return f"{vram} {placed}" if placed and placed != "cpu" and vram != "-" else vram
 
 
 def _idle_exit_in(zygote: dict[str, Any]) -> str:

@@ -45,6 +45,8 @@ from supervisor.config_values import (
     parse_preload,
     parse_zygotes,
 )
+from supervisor.device_config import DeviceBudget, parse_budget_list, parse_device_table
+from supervisor.device_config import merge as merge_device_budgets
 from supervisor.units import parse_size
 from workers import registry
 from workers.protocol import BUILTIN_KINDS, MODEL_TYPES
@@ -124,6 +126,11 @@ class Recipe:
     idle_timeout_s: float | None = None
     priority: int = 1
     memory_bytes: int | None = None
+    #: Expected VRAM on the GPU the model is placed on (until measured); without it a GPU
+    #: placement takes ``memory`` as the VRAM estimate.
+    vram_bytes: int | None = None
+    #: Where ``device = "auto"`` goes when no GPU has room: "cpu" or "none" (refuse).
+    fallback: str = "cpu"
     group: str | None = None
     pinned: bool = False
     preload: bool = False
@@ -146,6 +153,8 @@ class Settings:
     max_loaded_models: int | None = None
     max_loaded_per_type: Mapping[str, int] = field(default_factory=FrozenDict)
     memory_budget: int | Literal["auto"] | None = "auto"
+    #: Budgets of the devices other than the CPU (``[devices."cuda:0"]``, device_config.py).
+    devices: Mapping[str, DeviceBudget] = field(default_factory=FrozenDict)
     default_model: str | None = None
     max_parallel_loads: int = 1
     min_residency_s: float = 0.0
@@ -174,11 +183,14 @@ class Settings:
     zygote_idle_timeout_s: float = 600.0
     #: One INFO line per request under the ``supervisor.access`` logger.
     access_log: bool = True
+    #: After a GPU worker exits, the next load on that GPU waits at most this long for the
+    #: driver to show its memory free (devices.py).
+    vram_release_wait_s: float = 5.0
     config_path: str | None = None
     sources: Mapping[str, str] = field(default_factory=FrozenDict)
 
     def __post_init__(self) -> None:
-        for name in ("max_loaded_per_type", "groups", "models", "sources"):
+        for name in ("max_loaded_per_type", "groups", "models", "sources", "devices"):
             object.__setattr__(self, name, FrozenDict(getattr(self, name)))
         object.__setattr__(self, "preload", tuple(self.preload))
 
@@ -226,12 +238,14 @@ _SERVER_KEYS: tuple[_ServerKey, ...] = tuple(
         ("zygotes", "zygotes", parse_zygotes, ""),
         ("zygote_idle_timeout", "zygote_idle_timeout_s", duration(zero_means_never=True), ""),
         ("access_log", "access_log", parse_bool, ""),
+        ("vram_release_wait", "vram_release_wait_s", duration(), ""),
     )
 )
 _SERVER_FILE_KEYS = (*(k.key for k in _SERVER_KEYS), "max_loaded_per_type")
-_CLI_KEYS = ("config", "recipes", *(k.key for k in _SERVER_KEYS))
+_CLI_KEYS = ("config", "recipes", "device_budget", *(k.key for k in _SERVER_KEYS))
+_DEVICE_BUDGETS_ENV = "LEMONADE_DEVICE_BUDGETS"
 _MODEL_KEYS = tuple(
-    "recipe type device idle_timeout priority memory group pinned preload warmup "
+    "recipe type device fallback idle_timeout priority memory vram group pinned preload warmup "
     "max_concurrency max_queue options".split()
 )
 _GROUP_KEYS = ("exclusive",)
@@ -381,6 +395,18 @@ def _parse_model(name: str, raw: Any, path: str, kinds: Callable[[], tuple[str, 
             memory_bytes = parse_size(table["memory"], where=f"{at} memory")
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+    vram_bytes = None
+    if "vram" in table:
+        try:
+            vram_bytes = parse_size(table["vram"], where=f"{at} vram")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    fallback = table.get("fallback", "cpu")
+    if fallback not in ("cpu", "none"):
+        fail(f"{at} fallback", '"cpu" (run on the CPU when no GPU has room) or "none"', fallback)
+    if fallback == "cpu" and device.startswith("cuda") and "fallback" in table:
+        raise ConfigError(f"{at} fallback: a model with device = {device!r} stays on the GPU; "
+                          f"fallback applies to device = \"auto\" only")
 
     group = None
     if "group" in table:
@@ -406,6 +432,8 @@ def _parse_model(name: str, raw: Any, path: str, kinds: Callable[[], tuple[str, 
         idle_timeout_s=idle_timeout_s,
         priority=priority,
         memory_bytes=memory_bytes,
+        vram_bytes=vram_bytes,
+        fallback=str(fallback),
         group=group,
         pinned=as_bool(table.get("pinned", False), f"{at} pinned"),
         preload=as_bool(table.get("preload", False), f"{at} preload"),
@@ -436,6 +464,7 @@ class _Builder:
         self.where: dict[str, str] = {}
         self.groups: dict[str, Group] = {}
         self.models: dict[str, Recipe] = {}
+        self.devices: dict[str, DeviceBudget] = {}
         self._defined_in: dict[tuple[str, str], str] = {}
 
     def set(self, name: str, value: Any, source: str, where: str) -> None:
@@ -451,7 +480,8 @@ class _Builder:
         is_recipe_file: bool,
         kinds: Callable[[], tuple[str, ...]],
     ) -> None:
-        sections = ("groups", "models") if is_recipe_file else ("server", "groups", "models")
+        sections = (("groups", "models") if is_recipe_file
+                    else ("server", "devices", "groups", "models"))
         if is_recipe_file and "server" in data:
             raise ConfigError(
                 f"{path}: a recipe file may only hold [models.*] and [groups.*] tables; "
@@ -465,6 +495,8 @@ class _Builder:
                 )
         if "server" in data:
             self._add_server(path, _table(data["server"], f"{path}: [server]"))
+        for name, raw in _table(data.get("devices", {}), f"{path}: [devices]").items():
+            self.devices[name] = parse_device_table(name, raw, path)
         for name, raw in _table(data.get("groups", {}), f"{path}: [groups]").items():
             self._define("group", name, path)
             at = f"{path}: [groups.{name}]"
@@ -650,10 +682,19 @@ def load_settings(
             value = key.parse(cli_given[key.key], where, True)
             builder.set(key.field, value, f"cli {key.flag}", where)
 
+    if _DEVICE_BUDGETS_ENV in env_given:
+        where = f"env {_DEVICE_BUDGETS_ENV}"
+        builder.devices = merge_device_budgets(
+            builder.devices, parse_budget_list(env_given[_DEVICE_BUDGETS_ENV], where))
+    if "device_budget" in cli_given:
+        builder.devices = merge_device_budgets(
+            builder.devices, parse_budget_list(list(cli_given["device_budget"]), "--device-budget"))
+
     _cross_check(builder)
     _anchor_data_dir(builder, config_path, base)
     return Settings(
         **builder.values,
+        devices=builder.devices,
         groups=builder.groups,
         models=builder.models,
         config_path=None if config_path is None else str(config_path),

@@ -88,6 +88,10 @@ class Slot:
     waiters: int = 0  # requests waiting for a load in progress
     admitted: bool = False  # the planner made room; ``reserved_bytes`` is held
     reserved_bytes: int = 0
+    #: What the reservation holds on devices other than the CPU ({"cuda:0": bytes}).
+    reserved_device_bytes: dict[str, int] = field(default_factory=dict)
+    #: The device admission chose (None: none chosen, no GPU known); kept until unload.
+    placed_device: str | None = None
     load_future: asyncio.Future[None] | None = None  # what requests joining the load await
     load_task: asyncio.Task[None] | None = None
     stop_task: asyncio.Task[None] | None = None
@@ -98,6 +102,10 @@ class Slot:
     rss_bytes: int = 0
     vram_bytes: int = 0
     measured_cost_bytes: int | None = None  # footprint of the last successful load
+    # The last load on a GPU: its RAM, the device, and its VRAM there (placement.charges).
+    measured_ram_bytes: int | None = None
+    measured_device: str | None = None
+    measured_device_bytes: int | None = None
     loaded_at_mono: float = 0.0
     loaded_at: float | None = None  # wall clock
     load_seconds: float | None = None

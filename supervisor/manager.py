@@ -28,10 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from supervisor import policy
+from supervisor.admission import Admission
 from supervisor.channel import Channel
 from supervisor.config import Recipe, Settings, effective_preload
+from supervisor.devices import DeviceProbe, Inventory
 from supervisor.errors import (
-    Conflict,
     GatewayTimeout,
     LemonadeError,
     ModelNotFound,
@@ -42,7 +43,6 @@ from supervisor.errors import (
 from supervisor.events import EventBus
 from supervisor.lifecycle import IdleTimer, Slot, State
 from supervisor.load_progress import ProgressBoard
-from supervisor.placement import limits, residents, resolve_budget, target_of
 from supervisor.process import WorkerProcess, worker_environment
 from supervisor.rundir import create_runtime_dir
 from supervisor.zygote_pool import ZygotePool
@@ -73,7 +73,8 @@ LIVE_MANAGERS: weakref.WeakSet[Manager] = weakref.WeakSet()
 
 
 class Manager:
-    def __init__(self, settings: Settings, *, runtime_base: str | None = None) -> None:
+    def __init__(self, settings: Settings, *, runtime_base: str | None = None,
+                 probe: DeviceProbe | None = None) -> None:
         LIVE_MANAGERS.add(self)
         self.settings = settings
         self.events = EventBus()
@@ -85,13 +86,16 @@ class Manager:
         self.spawns = 0  # total worker processes started (tests and metrics read it)
         self._runtime_base = runtime_base
         self.runtime_dir: Path | None = None
-        self._placement = asyncio.Lock()
         self._load_slots = asyncio.Semaphore(settings.max_parallel_loads)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._heartbeat: asyncio.Task[None] | None = None
         self._closing = False
-        self.memory_budget_bytes = resolve_budget(settings.memory_budget)
         self.zygotes: ZygotePool | None = None
+        #: The GPUs and declared devices, their budgets and probe readings (devices.py).
+        self.inventory = Inventory(settings, probe)
+        #: Device choice, eviction planning and reservations (admission.py).
+        self.admission = Admission(self, self.inventory)
+        self.memory_budget_bytes = self.admission.memory_budget_bytes
         #: Each load's progress while it runs: status shows it, it logs it at a readable rate.
         self.load_progress = ProgressBoard(self.events)
         #: Called as ``callback(model, waited_s)`` in the caller's task each time a request
@@ -400,10 +404,15 @@ class Manager:
     def _forget_process(self, slot: Slot) -> None:
         if slot.channel is not None:
             slot.channel.close()
+        if (slot.worker is not None and slot.placed_device is not None
+                and slot.placed_device != policy.CPU):
+            self.inventory.worker_left(slot.placed_device, int(slot.worker.pid), slot.vram_bytes)
         slot.channel = None
         slot.worker = None
         slot.admitted = False
         slot.reserved_bytes = 0
+        slot.reserved_device_bytes = {}
+        slot.placed_device = None
         slot.rss_bytes = slot.vram_bytes = 0
         slot.request_idle_timeout_s = None
         slot.device = None
@@ -435,7 +444,8 @@ class Manager:
         try:
             async with self._load_slots:
                 try:
-                    await self._admit(slot, deadline=started + self.settings.load_timeout_s)
+                    await self.admission.admit(
+                        slot, deadline=started + self.settings.load_timeout_s)
                 except LemonadeError as e:
                     # No room (409/503): not the model's fault, so no failure and no cooldown.
                     self._forget_process(slot)
@@ -505,56 +515,6 @@ class Manager:
         log.error("loading %s failed (%d in a row; next try in %gs): %s",
                   slot.name, slot.failures, cooldown, error.message)
 
-    async def _admit(self, slot: Slot, *, deadline: float) -> None:
-        """Make room for ``slot`` (retiring victims) and reserve its cost."""
-        loop = asyncio.get_running_loop()
-        async with self._placement:
-            while True:
-                target = target_of(slot)
-                outcome = policy.plan_admission(
-                    target,
-                    residents(self.slots.values(), exclude=slot),
-                    limits(self.settings, self.budget_for_models()),
-                    loop.time(),
-                )
-                if isinstance(outcome, policy.Refusal):
-                    if outcome.wait_for and loop.time() < deadline:
-                        await self._wait_settled(outcome.wait_for, deadline)
-                        continue
-                    error_cls = Conflict if outcome.status == 409 else ServiceUnavailable
-                    raise error_cls(outcome.message, code="no_room",
-                                    retry_after_s=outcome.retry_after_s or
-                                    (None if outcome.status == 409 else 5))
-                if not outcome.evictions:
-                    slot.admitted = True
-                    slot.reserved_bytes = target.cost_bytes
-                    return
-                victims = [(self.slots[e.name], e.reason.value) for e in outcome.evictions]
-                log.info("making room for %s: unloading %s", slot.name,
-                         ", ".join(f"{v.name} ({r})" for v, r in victims))
-                results = await asyncio.gather(
-                    *(self.retire(v, r) for v, r in victims), return_exceptions=True
-                )
-                for result in results:
-                    if isinstance(result, BaseException):
-                        raise result  # e.g. a busy victim that did not drain in time
-
-    async def _wait_settled(self, names: Iterable[str], deadline: float) -> None:
-        waits: list[asyncio.Future[Any]] = []
-        for name in names:
-            other = self.slots[name]
-            if other.state is State.STOPPING and other.stop_task is not None:
-                waits.append(other.stop_task)
-            elif other.state is State.LOADING and other.load_future is not None:
-                waits.append(other.load_future)
-        if not waits:
-            # A model that just loaded and whose waiting requests have not resumed yet: they
-            # run on the next turns of the loop, so a short pause is enough.
-            await asyncio.sleep(0.05)
-            return
-        timeout = max(0.0, deadline - asyncio.get_running_loop().time())
-        await asyncio.wait([asyncio.shield(w) for w in waits], timeout=timeout)
-
     async def _evict_all_idle(self, *, except_for: Slot) -> None:
         victims = [
             s for s in self.slots.values()
@@ -603,7 +563,8 @@ class Manager:
                             hello_seconds=round(worker.hello_seconds, 4))
         try:
             loaded = await channel.load(
-                name=recipe.name, type=recipe.type, device=recipe.device,
+                name=recipe.name, type=recipe.type,
+                device=slot.placed_device or recipe.device,
                 options=dict(recipe.options),
                 timeout_s=self.settings.load_timeout_s,  # without progress: stall-based
                 on_progress=report_progress,
@@ -627,7 +588,19 @@ class Manager:
             self.zygotes.learn(recipe.kind)
         slot.vram_bytes = loaded.memory.get("vram", 0)
         slot.rss_bytes = max(worker.rss_bytes(), loaded.memory.get("rss", 0))
-        slot.measured_cost_bytes = slot.vram_bytes or worker.freed_on_exit_bytes() or slot.rss_bytes
+        ram = worker.freed_on_exit_bytes() or slot.rss_bytes
+        if slot.placed_device not in (None, policy.CPU):
+            # Charged per device: the VRAM on its GPU (the driver's figure where the probe
+            # lists the pid), the RAM on the CPU.
+            by_driver = self.inventory.refresh(self._worker_pids()).get(worker.pid)
+            if by_driver:
+                slot.vram_bytes = by_driver
+            slot.measured_device = slot.placed_device
+            slot.measured_device_bytes = slot.vram_bytes
+            slot.measured_ram_bytes = ram
+            slot.measured_cost_bytes = ram
+        else:
+            slot.measured_cost_bytes = slot.vram_bytes or ram
         self._spawn_task(self._watch_exit(slot, worker), f"watch-{recipe.name}-{worker.pid}")
 
     def _load_timeout(self) -> GatewayTimeout:
@@ -748,16 +721,19 @@ class Manager:
     # ================================================================ status
 
     def budget_for_models(self) -> int | None:
-        """The memory budget less what the zygotes hold: models get what is left."""
-        if self.memory_budget_bytes is None:
-            return None
-        held = self.zygotes.held_bytes() if self.zygotes is not None else 0
-        return max(0, self.memory_budget_bytes - held)
+        """The CPU budget less what the zygotes hold: models get what is left."""
+        return self.admission.budget_for_models()
+
+    def _worker_pids(self) -> list[int]:
+        return [int(s.worker.pid) for s in self.slots.values() if s.worker is not None]
 
     def refresh_memory(self) -> None:
+        vram = self.inventory.refresh(self._worker_pids()) if self.inventory.devices else {}
         for slot in self.slots.values():
             if slot.worker is not None and slot.state in (State.READY, State.STOPPING):
                 slot.rss_bytes = slot.worker.rss_bytes()
+                if slot.worker.pid in vram:
+                    slot.vram_bytes = vram[slot.worker.pid]
 
 
 # ==================================================================== helpers

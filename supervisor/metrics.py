@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector
 from supervisor.events import Event
 from supervisor.lifecycle import State
 from supervisor.manager import Manager
+from supervisor.status import device_rows
 
 _LOAD_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
 #: From a status poll (milliseconds) to a long generation or a cold load (minutes).
@@ -64,6 +65,7 @@ class _SlotCollector(Collector):
         budget = GaugeMetricFamily("lemonade_memory_budget_bytes", "The memory budget (0 = none)")
         budget.add_metric([], manager.memory_budget_bytes or 0)
         yield budget
+        yield from _device_gauges(manager)
         zygotes = GaugeMetricFamily(
             "lemonade_zygote_memory_bytes",
             "RSS of each kind's zygote (imported modules its forked workers share)",
@@ -168,3 +170,29 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _device_gauges(manager: Manager) -> Iterator[GaugeMetricFamily]:
+    """Per device (cpu, each GPU or declared device): total, budget, used by whom, free."""
+    rows = device_rows(manager)
+    families = {
+        "total_bytes": GaugeMetricFamily("lemonade_device_total_bytes",
+                                         "Memory of the device (RAM for cpu)", labels=["device"]),
+        "budget_bytes": GaugeMetricFamily("lemonade_device_budget_bytes",
+                                          "What models may use on the device now",
+                                          labels=["device"]),
+        "free_bytes": GaugeMetricFamily("lemonade_device_free_bytes",
+                                        "Free memory on the device", labels=["device"]),
+    }
+    used = GaugeMetricFamily("lemonade_device_used_bytes",
+                             "Memory used on the device by our models or by other programs",
+                             labels=["device", "by"])
+    for row in rows:
+        for key, family in families.items():
+            if row[key] is not None:
+                family.add_metric([row["name"]], row[key])
+        used.add_metric([row["name"], "models"], row["used_by_models_bytes"])
+        if row["used_by_others_bytes"] is not None:
+            used.add_metric([row["name"], "others"], row["used_by_others_bytes"])
+    yield from families.values()
+    yield used

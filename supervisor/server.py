@@ -23,6 +23,7 @@ from aiohttp import web
 
 from supervisor.api.app import create_app
 from supervisor.config import Settings
+from supervisor.config_values import ConfigError
 from supervisor.rundir import StartupError, prepare_data_dir
 from workers import proctitle
 
@@ -40,7 +41,10 @@ async def serve(settings: Settings) -> None:
     _probe_port(settings.host, settings.port)
     if settings.config_path is None:
         log.warning("%s", _no_config_line(settings))
-    app = create_app(settings)
+    try:
+        app = create_app(settings)  # reads the devices: a recipe on a missing GPU stops here
+    except ConfigError as e:
+        raise StartupError(str(e)) from None
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=SHUTDOWN_TIMEOUT_S,
                            access_log=None)
     await runner.setup()

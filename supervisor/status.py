@@ -6,6 +6,10 @@ one with the level that set it, and ``expires_at`` is null whenever no timer run
 pinned, never, or not loaded). A loading model shows its ``progress``: the phase its worker
 last reported, the fraction and byte counts where known, and the seconds since the load began
 (:mod:`supervisor.load_progress`); null in every other state.
+
+:func:`device_rows` is the ``devices`` section: per device (``cpu`` and each GPU or declared
+device) its total, the budget our models get now, what our models hold there, what other
+programs hold (where a probe can tell) and what is free.
 """
 
 from __future__ import annotations
@@ -15,8 +19,51 @@ import math
 import time
 from typing import Any
 
+import psutil
+
+from supervisor import policy
 from supervisor.lifecycle import State
 from supervisor.manager import Manager
+from supervisor.placement import charges
+
+_HOLDING = (State.READY, State.STOPPING, State.LOADING)
+
+
+def memory_by_device(slot: Any) -> dict[str, int]:
+    """What a model holds (or has reserved) on each device right now."""
+    if slot.state not in _HOLDING:
+        return {}
+    if slot.state is State.LOADING:
+        out = {policy.CPU: slot.reserved_bytes, **slot.reserved_device_bytes}
+    elif slot.placed_device in (None, policy.CPU):
+        out = {policy.CPU: slot.rss_bytes}
+    else:
+        out = {policy.CPU: slot.rss_bytes, slot.placed_device: slot.vram_bytes}
+    return {device: n for device, n in out.items() if n}
+
+
+def device_rows(manager: Manager) -> list[dict[str, Any]]:
+    """The ``devices`` section of the status (call after ``manager.refresh_memory()``)."""
+    ours: dict[str, int] = {}
+    for slot in manager.slots.values():
+        if slot.state not in _HOLDING:
+            continue
+        ram, others = charges(slot, slot.placed_device)
+        if slot.state is State.LOADING:
+            ram, others = slot.reserved_bytes, dict(slot.reserved_device_bytes)
+        for device, n in {policy.CPU: ram, **others}.items():
+            ours[device] = ours.get(device, 0) + n
+    ram = psutil.virtual_memory()
+    rows = [{
+        "name": policy.CPU, "label": "RAM", "seen": True, "total_bytes": int(ram.total),
+        "budget_bytes": manager.budget_for_models(), "headroom_bytes": 0,
+        "used_by_models_bytes": ours.get(policy.CPU, 0),
+        "used_by_others_bytes": None, "free_bytes": int(ram.available), "releasing": False,
+    }]
+    for row in manager.inventory.describe():
+        row["used_by_models_bytes"] = ours.get(row["name"], 0)
+        rows.append(row)
+    return rows
 
 
 def model_rows(manager: Manager) -> list[dict[str, Any]]:
@@ -45,6 +92,8 @@ def model_rows(manager: Manager) -> list[dict[str, Any]]:
             "progress": progress.describe(now)
             if progress is not None and slot.state is State.LOADING else None,
             "memory": {"rss_bytes": slot.rss_bytes, "vram_bytes": slot.vram_bytes},
+            "placed_device": slot.placed_device,
+            "memory_by_device": memory_by_device(slot),
             "memory_estimate_bytes": slot.cost_bytes(),
             "group": recipe.group,
             "priority": recipe.priority,

@@ -67,6 +67,8 @@ SYNTHETIC = OptionSpec("synthetic", (
            choices=synthetic_imports.NAMES),
     Option("load_output", ("string",), "what the load writes to stderr (none)",
            choices=SYNTHETIC_LOAD_OUTPUTS),
+    Option("stand_in_vram_mb", ("number",), "a made-up VRAM figure reported on the GPU the "
+           "model is placed on; no GPU memory is used (a stand-in for GPU models; 0)", low=0),
 ))
 
 KOKORO = OptionSpec("kokoro", (

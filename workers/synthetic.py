@@ -32,6 +32,9 @@ Recipe options (all optional)::
                   ``load_seconds``, "synthetic weights:  42%|####2     | 84.0M/200M [...]");
                   "warnings" calls ``warnings.warn`` twice from one place, logs one WARNING
                   through a library-style logger and prints one raw line
+    stand_in_vram_mb  a STAND-IN for a GPU model (0): placed on ``cuda:N``, the worker
+                  reports this many MiB as its VRAM there; it allocates no GPU memory, so
+                  per-device planning runs end to end on a machine without a GPU
 
 Faults (the ``fault`` option). They are real: signals are really delivered, memory really
 runs out, bytes really go over the socket. Nothing in the supervisor knows about them.
@@ -165,6 +168,7 @@ class SyntheticConfig:
     flood_chunk_bytes: int = 2
     lazy_import: str | None = None
     load_output: str = "none"
+    stand_in_vram_mb: float = 0.0
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any], default_type: str) -> SyntheticConfig:
@@ -213,6 +217,7 @@ class SyntheticConfig:
             flood_chunk_bytes=_int_option(options, "flood_chunk_bytes", 2, 1, _MIB),
             load_seconds=_number_option(options, "load_seconds", 0.0),
             memory_mb=_number_option(options, "memory_mb", 0.0),
+            stand_in_vram_mb=_number_option(options, "stand_in_vram_mb", 0.0),
             latency_ms=_number_option(options, "latency_ms", 0.0),
             chunks=_int_option(options, "chunks", 4, 1, MAX_CHUNKS),
             fail_load=failure,
@@ -282,6 +287,7 @@ class SyntheticModel(Model):
     def __init__(self) -> None:
         self.config = SyntheticConfig()
         self._ballast: bytearray | None = None
+        self._stand_in_vram = 0
 
     def load(self, request: LoadRequest, ctx: LoadContext) -> LoadResult:
         config = SyntheticConfig.from_options(request.options, request.type)
@@ -314,8 +320,15 @@ class SyntheticModel(Model):
             raise ModelError(ErrorCode.LOAD_FAILED, config.fail_load)
         if config.progress:
             ctx.progress(1.0, "ready")
+        device = "cpu"
+        if config.stand_in_vram_mb > 0 and request.device.startswith(("cuda", "npu")):
+            # A stand-in for a GPU model on a machine without one: the figure is reported as
+            # VRAM on the device the supervisor placed it on; nothing is allocated there.
+            device = request.device
+            self._stand_in_vram = int(config.stand_in_vram_mb * _MIB)
+            info["stand_in_vram"] = True
         return LoadResult(
-            device="cpu",
+            device=device,
             info={
                 "memory_mb": config.memory_mb,
                 "type": "tts",
@@ -323,6 +336,9 @@ class SyntheticModel(Model):
                 **info,
             },
         )
+
+    def vram_bytes(self) -> int:
+        return self._stand_in_vram
 
     def _load_fault(self, config: SyntheticConfig) -> dict[str, Any]:
         fault = config.fault

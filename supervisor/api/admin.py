@@ -22,7 +22,7 @@ from supervisor.api.body import Body, parse_json_object
 from supervisor.api.keys import MANAGER, METRICS, SHUTTING_DOWN, STARTED_AT
 from supervisor.errors import BadRequest
 from supervisor.lifecycle import State
-from supervisor.status import model_rows
+from supervisor.status import device_rows, model_rows
 
 routes = web.RouteTableDef()
 
@@ -115,7 +115,8 @@ async def status(request: web.Request) -> web.Response:
             "zygote_idle_timeout_s": _seconds_or_never(settings.zygote_idle_timeout_s),
             "zygotes": manager.zygotes.describe() if manager.zygotes is not None else [],
         },
-        "models": model_rows(manager),
+        "models": model_rows(manager),  # first: it refreshes what device_rows adds up
+        "devices": device_rows(manager),
     })
 
 

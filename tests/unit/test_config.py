@@ -201,6 +201,7 @@ data_dir = "/var/cache/lemonade"
 zygotes = "Eager"
 zygote_idle_timeout = "2m"
 access_log = false
+vram_release_wait = "2s"
 """
     + MINIMAL_MODEL
 )
@@ -229,6 +230,7 @@ def test_every_server_key_from_file(tmp_path: Path) -> None:
     assert s.zygotes == "eager"
     assert s.zygote_idle_timeout_s == 120.0
     assert s.access_log is False
+    assert s.vram_release_wait_s == 2.0
     file_source = f"file {tmp_path / 'lemonade.toml'}"
     assert all(source == file_source for name, source in s.sources.items() if name != "api_key")
 
