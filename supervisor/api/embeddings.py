@@ -3,7 +3,8 @@
 The request is checked here before any model is loaded (a bad field is a 400 naming it), then
 again by the worker. The worker sends each vector as little-endian float32 bytes; this route
 answers them as JSON floats, or, for ``encoding_format="base64"``, as base64 of those very
-bytes, which is what OpenAI returns and what the ``openai`` client decodes.
+bytes, which is what OpenAI returns and what the ``openai`` client decodes. :func:`embed`
+reads the vectors off a call; Ollama's ``/api/embed`` uses it too.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from supervisor.api import schemas
-from supervisor.api.keys import MANAGER
-from supervisor.api.openai import require_model_type
+from supervisor.api.inference import Inference, infer
 from supervisor.errors import BadRequest, WorkerFailed
 
 routes = web.RouteTableDef()
@@ -74,6 +74,22 @@ def vector_bytes(chunk: object, model: str) -> tuple[int, list[bytes]]:
     return chunk["index"], chunk["vectors"]
 
 
+async def embed(job: Inference, count: int) -> tuple[list[bytes], int]:
+    """The call's vectors (float32 bytes, one per input, in order) and its prompt tokens."""
+    vectors: list[bytes] = []
+    async for chunk in job.chunks():
+        index, pieces = vector_bytes(chunk, job.model)
+        if index != len(vectors):
+            raise WorkerFailed(f"worker for '{job.model}' sent embeddings out of order")
+        vectors.extend(pieces)
+    result = job.result
+    if len(vectors) != count:
+        raise WorkerFailed(f"worker for '{job.model}' returned {len(vectors)} embeddings "
+                           f"for {count} inputs")
+    tokens = result.get("prompt_tokens")
+    return vectors, tokens if type(tokens) is int and tokens >= 0 else 0
+
+
 def as_floats(raw: bytes) -> list[float]:
     values = array.array("f")
     values.frombytes(raw)
@@ -84,7 +100,6 @@ def as_floats(raw: bytes) -> list[float]:
 
 @routes.post("/v1/embeddings")
 async def embeddings(request: web.Request) -> web.Response:
-    manager = request.app[MANAGER]
     body = await schemas.read_valid_body(request, "EmbeddingsRequest")
     model = body.model_name("model")
     assert model is not None
@@ -93,25 +108,12 @@ async def embeddings(request: web.Request) -> web.Response:
     dimensions = _dimensions(body.data.get("dimensions"))
     body.string("user", max_len=256)  # accepted and ignored, as a field OpenAI defines
     keep_alive = body.keep_alive()
-    require_model_type(manager, model, "embedding", request.path)
     args: dict[str, Any] = {"input": texts}
     if dimensions is not None:
         args["dimensions"] = dimensions
-    vectors: list[bytes] = []
-    async with manager.use(model, keep_alive_s=keep_alive) as lease:
-        async with lease.channel.call("embed", args,
-                                      timeout_s=manager.settings.call_timeout_s) as call:
-            async for chunk in call:
-                index, pieces = vector_bytes(chunk, model)
-                if index != len(vectors):
-                    raise WorkerFailed(f"worker for '{model}' sent embeddings out of order")
-                vectors.extend(pieces)
-            result = call.result
-    if len(vectors) != len(texts) or not isinstance(result, dict):
-        raise WorkerFailed(f"worker for '{model}' returned {len(vectors)} embeddings "
-                           f"for {len(texts)} inputs")
-    tokens = result.get("prompt_tokens")
-    tokens = tokens if type(tokens) is int and tokens >= 0 else 0
+    async with infer(request, model=model, model_type="embedding", op="embed", args=args,
+                     keep_alive_s=keep_alive) as job:
+        vectors, tokens = await embed(job, len(texts))
     data = [
         {
             "object": "embedding",
@@ -128,5 +130,5 @@ async def embeddings(request: web.Request) -> web.Response:
             "model": model,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         },
-        headers={"X-Lemonade-Worker-Pid": str(lease.pid)},
+        headers=job.headers,
     )

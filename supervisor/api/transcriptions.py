@@ -18,8 +18,7 @@ from typing import Any
 from aiohttp import BodyPartReader, web
 
 from supervisor.api import schemas
-from supervisor.api.keys import MANAGER
-from supervisor.api.openai import require_model_type
+from supervisor.api.inference import infer
 from supervisor.config_values import MODEL_NAME_RE
 from supervisor.errors import BadRequest, PayloadTooLarge, WorkerFailed
 from supervisor.units import parse_keep_alive
@@ -213,17 +212,11 @@ def _keep_alive(fields: dict[str, str]) -> float | None:
 
 @routes.post("/v1/audio/transcriptions")
 async def transcriptions(request: web.Request) -> web.Response:
-    manager = request.app[MANAGER]
     req = validate(await read_form(request))
-    require_model_type(manager, req.model, "asr", request.path)
-    async with manager.use(req.model, keep_alive_s=req.keep_alive_s) as lease:
-        call = lease.channel.call("transcribe", req.args,
-                                  timeout_s=manager.settings.call_timeout_s)
-        async with call:
-            segments = [_segment(chunk, req.model) async for chunk in call]
-        result = call.result
-    if not isinstance(result, dict):
-        raise WorkerFailed(f"worker for '{req.model}' ended a transcription without a result")
+    async with infer(request, model=req.model, model_type="asr", op="transcribe",
+                     args=req.args, keep_alive_s=req.keep_alive_s) as job:
+        segments = [_segment(chunk, req.model) async for chunk in job.chunks()]
+        result = job.result
     return render(req.response_format, segments, result, words=req.words)
 
 
