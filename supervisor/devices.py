@@ -221,7 +221,7 @@ class Inventory:
                     else (DEFAULT_GPU_HEADROOM if memory == "auto" else 0))
         total = None if reading is None else reading.total_bytes
         budget = (max(0, total - headroom) if memory == "auto" and total is not None
-                  else int(memory))  # type: ignore[arg-type]
+                  else int(memory))
         return Device(
             name=name, label="declared" if reading is None else reading.label,
             total_bytes=total, budget_bytes=budget, headroom_bytes=headroom,

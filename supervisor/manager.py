@@ -33,7 +33,6 @@ from supervisor.channel import Channel
 from supervisor.config import Recipe, Settings, effective_preload
 from supervisor.devices import DeviceProbe, Inventory
 from supervisor.errors import (
-    GatewayTimeout,
     LemonadeError,
     ModelNotFound,
     ServiceUnavailable,
@@ -45,8 +44,10 @@ from supervisor.lifecycle import IdleTimer, Slot, State
 from supervisor.load_progress import ProgressBoard
 from supervisor.process import WorkerProcess, worker_environment
 from supervisor.rundir import create_runtime_dir
+from supervisor.watching import Watcher
+from supervisor.worker_start import WorkerStarter
 from supervisor.zygote_pool import ZygotePool
-from workers.protocol import WARMUP_OP, ErrorCode, Progress
+from workers.protocol import ErrorCode
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class Manager:
         }
         self.runtime_global_idle_timeout_s: float | None = None
         self.spawns = 0  # total worker processes started (tests and metrics read it)
-        self._runtime_base = runtime_base
+        self.runtime_base = runtime_base
         self.runtime_dir: Path | None = None
         self._load_slots = asyncio.Semaphore(settings.max_parallel_loads)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -96,6 +97,10 @@ class Manager:
         #: Device choice, eviction planning and reservations (admission.py).
         self.admission = Admission(self, self.inventory)
         self.memory_budget_bytes = self.admission.memory_budget_bytes
+        #: Starting a worker process and loading the model into it (worker_start.py).
+        self.starter = WorkerStarter(self)
+        #: Crash and hang detection (watching.py).
+        self.watcher = Watcher(self)
         #: Each load's progress while it runs: status shows it, it logs it at a readable rate.
         self.load_progress = ProgressBoard(self.events)
         #: Called as ``callback(model, waited_s)`` in the caller's task each time a request
@@ -107,8 +112,8 @@ class Manager:
     # ================================================================ start / stop
 
     async def start(self) -> None:
-        self.runtime_dir = create_runtime_dir(self._runtime_base)
-        self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
+        self.runtime_dir = create_runtime_dir(self.runtime_base)
+        self._heartbeat = asyncio.create_task(self.watcher.heartbeat_loop(), name="heartbeat")
         self.zygotes = ZygotePool(self.settings.zygotes,
                                   worker_environment(data_dir=self.settings.data_dir),
                                   start_timeout_s=self.settings.load_timeout_s,
@@ -120,7 +125,7 @@ class Manager:
             self._tasks.add(eager)
             eager.add_done_callback(self._tasks.discard)
         for name in effective_preload(self.settings):
-            self._spawn_task(self._preload(name), f"preload-{name}")
+            self.spawn_task(self._preload(name), f"preload-{name}")
 
     def _zygote_idle_exit(self, **fields: Any) -> None:
         self.events.publish("zygote_stopped", None, reason="idle", **fields)
@@ -158,7 +163,7 @@ class Manager:
         if self.runtime_dir is not None:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
-    def _spawn_task(self, coro: Any, name: str) -> asyncio.Task[Any]:
+    def spawn_task(self, coro: Any, name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)  # strong reference until done
         task.add_done_callback(self._tasks.discard)
@@ -282,7 +287,7 @@ class Manager:
             slot.timer.cancel()
             return
         if timeout.seconds <= 0:
-            self._spawn_task(self._retire_quietly(slot, "keep_alive_0"), f"retire-{slot.name}")
+            self.spawn_task(self.retire_quietly(slot, "keep_alive_0"), f"retire-{slot.name}")
             return
         slot.timer.arm(timeout.seconds)
 
@@ -292,9 +297,9 @@ class Manager:
             return  # cancelled or re-armed after this timer was scheduled
         slot.timer.cancel()
         if slot.state is State.READY and not slot.busy:
-            self._spawn_task(self._retire_quietly(slot, "idle"), f"retire-{name}")
+            self.spawn_task(self.retire_quietly(slot, "idle"), f"retire-{name}")
 
-    async def _retire_quietly(self, slot: Slot, reason: str, *, force: bool = False) -> None:
+    async def retire_quietly(self, slot: Slot, reason: str, *, force: bool = False) -> None:
         try:
             await self.retire(slot, reason, force=force)
         except LemonadeError as e:
@@ -395,13 +400,13 @@ class Manager:
                 await slot.channel.send_shutdown()
             await asyncio.shield(worker.stop(self.settings.stop_grace_s))
         finally:
-            self._forget_process(slot)
+            self.forget_process(slot)
             slot.last_eviction = {"reason": reason, "at": time.time()}
             slot.transition(State.UNLOADED)
             log.info("worker %d for %s unloaded (%s)", pid, slot.name, reason)
             self.events.publish("unloaded", slot.name, pid=pid, reason=reason)
 
-    def _forget_process(self, slot: Slot) -> None:
+    def forget_process(self, slot: Slot) -> None:
         if slot.channel is not None:
             slot.channel.close()
         if (slot.worker is not None and slot.placed_device is not None
@@ -432,7 +437,7 @@ class Manager:
         slot.transition(State.LOADING)
         slot.load_future = asyncio.get_running_loop().create_future()
         slot.load_future.add_done_callback(_consume_exception)
-        slot.load_task = self._spawn_task(self._load(slot), f"load-{slot.name}")
+        slot.load_task = self.spawn_task(self._load(slot), f"load-{slot.name}")
         self.load_progress.begin(slot.name, slot.recipe.kind, slot.load_task)
 
     async def _load(self, slot: Slot) -> None:
@@ -448,7 +453,7 @@ class Manager:
                         slot, deadline=started + self.settings.load_timeout_s)
                 except LemonadeError as e:
                     # No room (409/503): not the model's fault, so no failure and no cooldown.
-                    self._forget_process(slot)
+                    self.forget_process(slot)
                     slot.transition(State.UNLOADED)
                     self.events.publish("load_refused", slot.name, error=e.message)
                     future.set_exception(e)
@@ -463,7 +468,7 @@ class Manager:
                     await self._evict_all_idle(except_for=slot)
                     await self._spawn_and_load(slot)
         except asyncio.CancelledError:
-            self._forget_process(slot)
+            self.forget_process(slot)
             slot.transition(State.UNLOADED)
             future.set_exception(ServiceUnavailable(
                 f"loading model '{slot.name}' was cancelled", retry_after_s=1))
@@ -474,7 +479,7 @@ class Manager:
                 log.exception("loading %s failed with an unexpected error (this is a bug)",
                               slot.name)
                 e = WorkerFailed(f"internal error while loading: {type(e).__name__}: {e}")
-            self._forget_process(slot)
+            self.forget_process(slot)
             self._record_failure(slot, e)
             self.events.publish("load_failed", slot.name, error=e.message, status=e.status)
             future.set_exception(e)
@@ -525,148 +530,10 @@ class Manager:
         )
 
     async def _spawn_and_load(self, slot: Slot) -> None:
-        assert self.runtime_dir is not None, "Manager.start() was not called"
-        if not self.runtime_dir.is_dir():
-            # A tmp cleaner removed it under us: workers already connected do not need it
-            # (their sockets were unlinked on connect); new ones get a fresh private dir.
-            log.warning("runtime dir %s disappeared; creating a new one", self.runtime_dir)
-            self.runtime_dir = create_runtime_dir(self._runtime_base)
-        recipe = slot.recipe
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.load_timeout_s
-        slot.spawn_seq += 1
         self.spawns += 1
-        try:
-            worker = await WorkerProcess.spawn(
-                model=recipe.name, kind=recipe.kind, runtime_dir=self.runtime_dir,
-                seq=slot.spawn_seq, handshake_timeout_s=self.settings.load_timeout_s,
-                max_concurrency=recipe.max_concurrency, data_dir=self.settings.data_dir,
-                zygotes=self.zygotes,
-                on_bar=functools.partial(self.load_progress.take_bar, recipe.name),
-            )
-        except GatewayTimeout:
-            raise self._load_timeout() from None
-        channel = Channel(recipe.name, worker.reader, worker.writer,
-                          on_broken=lambda reason: worker.kill(),
-                          hang_timeout_s=self.settings.heartbeat_timeout_s)
-
-        def report_progress(progress: Progress) -> None:
-            self.load_progress.report(recipe.name, progress.fraction, progress.message,
-                                      done_bytes=progress.done_bytes,
-                                      total_bytes=progress.total_bytes)
-
-        slot.worker, slot.channel = worker, channel
-        log.info("worker %d for %s %s (kind %s, hello after %.0f ms)", worker.pid, recipe.name,
-                 "forked" if worker.started_by == "fork" else "spawned", recipe.kind,
-                 worker.hello_seconds * 1000)
-        self.events.publish("spawned", recipe.name, pid=worker.pid, how=worker.started_by,
-                            hello_seconds=round(worker.hello_seconds, 4))
-        try:
-            loaded = await channel.load(
-                name=recipe.name, type=recipe.type,
-                device=slot.placed_device or recipe.device,
-                options=dict(recipe.options),
-                timeout_s=self.settings.load_timeout_s,  # without progress: stall-based
-                on_progress=report_progress,
-            )
-            warmup_s = await self._warmup(slot, channel, deadline) if recipe.warmup else None
-        except BaseException as e:
-            self._forget_process(slot)
-            await asyncio.shield(worker.stop(0))
-            if isinstance(e, WorkerFailed) and not worker.alive:
-                e.message = f"{e.message} ({worker.describe_exit()}: {worker.last_output()})"
-            if isinstance(e, GatewayTimeout):
-                raise self._load_timeout() from None
-            raise
-        slot.device = loaded.device
-        slot.info = dict(loaded.info)
-        slot.info["worker_start"] = worker.started_by
-        slot.info["hello_seconds"] = round(worker.hello_seconds, 4)
-        if warmup_s is not None:
-            slot.info["warmup_seconds"] = round(warmup_s, 4)
-        if worker.started_by == "fork" and self.zygotes is not None:
-            self.zygotes.learn(recipe.kind)
-        slot.vram_bytes = loaded.memory.get("vram", 0)
-        slot.rss_bytes = max(worker.rss_bytes(), loaded.memory.get("rss", 0))
-        ram = worker.freed_on_exit_bytes() or slot.rss_bytes
-        if slot.placed_device not in (None, policy.CPU):
-            # Charged per device: the VRAM on its GPU (the driver's figure where the probe
-            # lists the pid), the RAM on the CPU.
-            by_driver = self.inventory.refresh(self._worker_pids()).get(worker.pid)
-            if by_driver:
-                slot.vram_bytes = by_driver
-            slot.measured_device = slot.placed_device
-            slot.measured_device_bytes = slot.vram_bytes
-            slot.measured_ram_bytes = ram
-            slot.measured_cost_bytes = ram
-        else:
-            slot.measured_cost_bytes = slot.vram_bytes or ram
-        self._spawn_task(self._watch_exit(slot, worker), f"watch-{recipe.name}-{worker.pid}")
-
-    def _load_timeout(self) -> GatewayTimeout:
-        return GatewayTimeout(
-            f"no answer within load_timeout ({self.settings.load_timeout_s:g}s)", code="timeout"
-        )
-
-    async def _warmup(self, slot: Slot, channel: Channel, deadline: float) -> float | None:
-        """Run the kind's warmup call; returns its seconds, or None if the kind has none."""
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        try:
-            async with channel.call(WARMUP_OP, {}, timeout_s=max(0.1, deadline - started)) as call:
-                await call.collect()
-        except LemonadeError as e:
-            if e.worker_code != ErrorCode.UNSUPPORTED:
-                raise
-            log.debug("kind %s has no warmup", slot.recipe.kind)
-            return None
-        return loop.time() - started
-
-    # ================================================================ crash and hang detection
-
-    async def _watch_exit(self, slot: Slot, worker: WorkerProcess) -> None:
-        await asyncio.shield(worker.exited)
-        if slot.worker is not worker or slot.state is not State.READY:
-            return  # an orderly stop, already handled by retire()
-        slot.restarts += 1
-        how = worker.describe_exit()
-        log.error("worker %d for %s %s unexpectedly; it will be reloaded on the next request%s",
-                  worker.pid, slot.name, how,
-                  f" (last output: {worker.last_output()})" if worker.output_tail else "")
-        self.events.publish("crashed", slot.name, pid=worker.pid, exit=how)
-        # force: the process is gone, so nothing can drain; its requests already got 502.
-        await self._retire_quietly(slot, "crash", force=True)
-
-    async def _heartbeat_loop(self) -> None:
-        interval = self.settings.heartbeat_interval_s
-        timeout = self.settings.heartbeat_timeout_s
-        pinging: set[str] = set()
-        while True:
-            await asyncio.sleep(interval)
-            for slot in list(self.slots.values()):
-                if (slot.state is State.READY and slot.channel is not None
-                        and slot.name not in pinging):
-                    pinging.add(slot.name)
-                    task = self._spawn_task(self._ping(slot, timeout), f"ping-{slot.name}")
-                    task.add_done_callback(
-                        functools.partial(lambda name, _t: pinging.discard(name), slot.name))
-
-    async def _ping(self, slot: Slot, limit_s: float) -> None:
-        worker, channel = slot.worker, slot.channel
-        if worker is None or channel is None:
-            return
-        try:
-            pong = await channel.ping(limit_s)
-        except TimeoutError:
-            log.error("worker %d for %s did not answer a ping within %gs; killing it",
-                      worker.pid, slot.name, limit_s)
-            worker.kill()
-            return
-        except LemonadeError:
-            return  # the channel closed: the exit watcher handles it
-        if slot.worker is worker:
-            slot.vram_bytes = pong.memory.get("vram", 0)
-            slot.rss_bytes = worker.rss_bytes() or pong.memory.get("rss", 0)
+        worker = await self.starter.start(slot)
+        self.spawn_task(self.watcher.watch_exit(slot, worker),
+                         f"watch-{slot.name}-{worker.pid}")
 
     # ================================================================ invariants
 
@@ -724,11 +591,11 @@ class Manager:
         """The CPU budget less what the zygotes hold: models get what is left."""
         return self.admission.budget_for_models()
 
-    def _worker_pids(self) -> list[int]:
+    def worker_pids(self) -> list[int]:
         return [int(s.worker.pid) for s in self.slots.values() if s.worker is not None]
 
     def refresh_memory(self) -> None:
-        vram = self.inventory.refresh(self._worker_pids()) if self.inventory.devices else {}
+        vram = self.inventory.refresh(self.worker_pids()) if self.inventory.devices else {}
         for slot in self.slots.values():
             if slot.worker is not None and slot.state in (State.READY, State.STOPPING):
                 slot.rss_bytes = slot.worker.rss_bytes()

@@ -1,0 +1,138 @@
+"""Starting a model's worker: spawn or fork the process, load the model, warm it up, measure.
+
+Split out of the manager, which decides *when* a model loads (single flight, admission,
+retries) and owns the slot; this module does the one job of bringing a worker process from
+nothing to ready and recording what it costs: the device it really used, its RAM (what will
+come back when it exits), and its VRAM on the GPU it was placed on (the driver's figure where
+a probe lists the pid, else what the worker reports). A failure at any step stops the process
+before the error goes up, so no half-started worker outlives its load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from typing import TYPE_CHECKING
+
+from supervisor import policy
+from supervisor.channel import Channel
+from supervisor.errors import GatewayTimeout, LemonadeError, WorkerFailed
+from supervisor.lifecycle import Slot
+from supervisor.process import WorkerProcess
+from supervisor.rundir import create_runtime_dir
+from workers.protocol import WARMUP_OP, ErrorCode, Progress
+
+if TYPE_CHECKING:
+    from supervisor.manager import Manager
+
+log = logging.getLogger(__name__)
+
+
+class WorkerStarter:
+    def __init__(self, manager: Manager) -> None:
+        self.manager = manager
+
+    async def start(self, slot: Slot) -> WorkerProcess:
+        """Spawn (or fork) the slot's worker, load the model, warm it up, measure it.
+
+        On any failure the process is stopped and the slot forgets it before the error
+        propagates; on success the slot holds the worker and its channel.
+        """
+        m = self.manager
+        assert m.runtime_dir is not None, "Manager.start() was not called"
+        if not m.runtime_dir.is_dir():
+            # A tmp cleaner removed it under us: workers already connected do not need it
+            # (their sockets were unlinked on connect); new ones get a fresh private dir.
+            log.warning("runtime dir %s disappeared; creating a new one", m.runtime_dir)
+            m.runtime_dir = create_runtime_dir(m.runtime_base)
+        recipe = slot.recipe
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + m.settings.load_timeout_s
+        slot.spawn_seq += 1
+        try:
+            worker = await WorkerProcess.spawn(
+                model=recipe.name, kind=recipe.kind, runtime_dir=m.runtime_dir,
+                seq=slot.spawn_seq, handshake_timeout_s=m.settings.load_timeout_s,
+                max_concurrency=recipe.max_concurrency, data_dir=m.settings.data_dir,
+                zygotes=m.zygotes,
+                on_bar=functools.partial(m.load_progress.take_bar, recipe.name),
+            )
+        except GatewayTimeout:
+            raise self._load_timeout() from None
+        channel = Channel(recipe.name, worker.reader, worker.writer,
+                          on_broken=lambda reason: worker.kill(),
+                          hang_timeout_s=m.settings.heartbeat_timeout_s)
+
+        def report_progress(progress: Progress) -> None:
+            m.load_progress.report(recipe.name, progress.fraction, progress.message,
+                                      done_bytes=progress.done_bytes,
+                                      total_bytes=progress.total_bytes)
+
+        slot.worker, slot.channel = worker, channel
+        log.info("worker %d for %s %s (kind %s, hello after %.0f ms)", worker.pid, recipe.name,
+                 "forked" if worker.started_by == "fork" else "spawned", recipe.kind,
+                 worker.hello_seconds * 1000)
+        m.events.publish("spawned", recipe.name, pid=worker.pid, how=worker.started_by,
+                            hello_seconds=round(worker.hello_seconds, 4))
+        try:
+            loaded = await channel.load(
+                name=recipe.name, type=recipe.type,
+                device=slot.placed_device or recipe.device,
+                options=dict(recipe.options),
+                timeout_s=m.settings.load_timeout_s,  # without progress: stall-based
+                on_progress=report_progress,
+            )
+            warmup_s = await self._warmup(slot, channel, deadline) if recipe.warmup else None
+        except BaseException as e:
+            m.forget_process(slot)
+            await asyncio.shield(worker.stop(0))
+            if isinstance(e, WorkerFailed) and not worker.alive:
+                e.message = f"{e.message} ({worker.describe_exit()}: {worker.last_output()})"
+            if isinstance(e, GatewayTimeout):
+                raise self._load_timeout() from None
+            raise
+        slot.device = loaded.device
+        slot.info = dict(loaded.info)
+        slot.info["worker_start"] = worker.started_by
+        slot.info["hello_seconds"] = round(worker.hello_seconds, 4)
+        if warmup_s is not None:
+            slot.info["warmup_seconds"] = round(warmup_s, 4)
+        if worker.started_by == "fork" and m.zygotes is not None:
+            m.zygotes.learn(recipe.kind)
+        slot.vram_bytes = loaded.memory.get("vram", 0)
+        slot.rss_bytes = max(worker.rss_bytes(), loaded.memory.get("rss", 0))
+        ram = worker.freed_on_exit_bytes() or slot.rss_bytes
+        if slot.placed_device not in (None, policy.CPU):
+            # Charged per device: the VRAM on its GPU (the driver's figure where the probe
+            # lists the pid), the RAM on the CPU.
+            by_driver = m.inventory.refresh(m.worker_pids()).get(worker.pid)
+            if by_driver:
+                slot.vram_bytes = by_driver
+            slot.measured_device = slot.placed_device
+            slot.measured_device_bytes = slot.vram_bytes
+            slot.measured_ram_bytes = ram
+            slot.measured_cost_bytes = ram
+        else:
+            slot.measured_cost_bytes = slot.vram_bytes or ram
+        return worker
+
+    def _load_timeout(self) -> GatewayTimeout:
+        return GatewayTimeout(
+            f"no answer within load_timeout ({self.manager.settings.load_timeout_s:g}s)",
+            code="timeout",
+        )
+
+    async def _warmup(self, slot: Slot, channel: Channel, deadline: float) -> float | None:
+        """Run the kind's warmup call; returns its seconds, or None if the kind has none."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            async with channel.call(WARMUP_OP, {}, timeout_s=max(0.1, deadline - started)) as call:
+                await call.collect()
+        except LemonadeError as e:
+            if e.worker_code != ErrorCode.UNSUPPORTED:
+                raise
+            log.debug("kind %s has no warmup", slot.recipe.kind)
+            return None
+        return loop.time() - started
