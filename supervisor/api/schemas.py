@@ -280,7 +280,8 @@ def _requests() -> dict[str, Schema]:
         }, required=["model", "input"]),
         "TranscriptionRequest": _object({
             "model": model_name("asr"),
-            "file": {"type": "string", "format": "binary", "description": "the audio file"},
+            "file": {"type": "string", "format": "binary", "minLength": 1,
+                     "description": "the audio file (not empty)"},
             "language": {"type": "string", "pattern": r"^([a-z]{2,3})?$",
                          ERROR_KEY: "must be an ISO-639-1 code such as 'en'"},
             "prompt": {"type": "string", "maxLength": transcriptions.MAX_PROMPT_CHARS},
@@ -289,12 +290,17 @@ def _requests() -> dict[str, Schema]:
             "temperature": number(0.0, 1.0),
             "stream": {"type": "boolean", "enum": [False],
                        ERROR_KEY: "is not supported for transcriptions; leave it out or false"},
-            "timestamp_granularities[]": {"type": "array",
+            "timestamp_granularities[]": {"type": "array", "maxItems": 2,
                                           "items": {"type": "string",
                                                     "enum": ["segment", "word"]}},
             "keep_alive": _KEEP_ALIVE_TEXT | {ERROR_KEY: 'must be seconds or a duration like "5m"'},
             "ttl": _KEEP_ALIVE_TEXT | {ERROR_KEY: 'must be seconds or a duration like "5m"'},
-        }, required=["model", "file"], anyOf=[
+            # OpenAI's, accepted and ignored.
+            # (A form has at most transcriptions.MAX_PARTS parts: arrays are bounded.)
+            **{name: {"type": "array", "maxItems": 4, "items": {"type": "string"}}
+               if name.endswith("[]")
+               else {"type": "string"} for name in sorted(transcriptions.IGNORED_FIELDS)},
+        }, required=["model", "file"], closed=True, anyOf=[
             {"required": ["response_format"],
              "properties": {"response_format": {"enum": ["verbose_json"]}}},
             {"properties": {"timestamp_granularities[]": {"items": {"enum": ["segment"]}}}},
@@ -778,7 +784,11 @@ def check_form(name: str, fields: Mapping[str, str], lists: Mapping[str, list[st
 async def read_valid_body(request: web.Request, name: str, *,
                           allow_empty: bool = False) -> Body:
     """The JSON body, parsed strictly and checked against schema ``name``."""
-    data = parse_json_object(await request.read(), allow_empty=allow_empty)
+    raw = await request.read()
+    if allow_empty and raw and not raw.strip():
+        # No body means no body: blank bytes are not JSON, and not what a client meant.
+        raise BadRequest("request body is blank; send no body at all or a JSON object")
+    data = parse_json_object(raw, allow_empty=allow_empty)
     check(name, data)
     return Body(data)
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from supervisor.api import schemas
 from supervisor.api.inference import infer
@@ -37,6 +38,9 @@ RESPONSE_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
 _TEXT_FIELDS = frozenset({"model", "language", "prompt", "response_format", "temperature",
                           "keep_alive", "ttl", "stream"})
 _GRANULARITIES = "timestamp_granularities[]"
+#: OpenAI's fields this server accepts and has no use for; any other field is a 400.
+IGNORED_FIELDS = frozenset({"include[]", "chunking_strategy", "known_speaker_names[]",
+                            "known_speaker_references[]"})
 _LANGUAGE_RE = re.compile(r"^[a-z]{2,3}$")
 _READ_CHUNK = 64 * 1024
 
@@ -62,6 +66,8 @@ class TranscriptionForm:
     filename: str = ""
     fields: dict[str, str] = field(default_factory=dict)
     granularities: list[str] = field(default_factory=list)
+    #: Fields nobody defined (the schema refuses them).
+    unknown: list[str] = field(default_factory=list)
 
 
 async def read_form(request: web.Request) -> TranscriptionForm:
@@ -82,8 +88,9 @@ async def read_form(request: web.Request) -> TranscriptionForm:
             if not isinstance(part, BodyPartReader):
                 raise BadRequest("nested multipart parts are not supported")
             await _read_part(part, form)
-    except (ValueError, AssertionError, KeyError) as e:
-        # aiohttp's multipart reader reports a missing boundary or broken framing this way.
+    except (ValueError, AssertionError, KeyError, HttpProcessingError) as e:
+        # aiohttp's multipart reader reports a missing boundary, broken framing or a bad
+        # part header this way.
         raise BadRequest(f"malformed multipart/form-data body: {e}"[:300]) from None
     return form
 
@@ -103,7 +110,9 @@ async def _read_part(part: BodyPartReader, form: TranscriptionForm) -> None:
     raw = await _read_limited(part, MAX_FIELD_BYTES, too_large=BadRequest(
         f"form field '{name[:64]}' is longer than {MAX_FIELD_BYTES} bytes"))
     if name not in _TEXT_FIELDS and name != _GRANULARITIES:
-        return  # OpenAI clients send fields this server has no use for (include[], ...)
+        if name not in IGNORED_FIELDS:
+            form.unknown.append(name)
+        return
     try:
         value = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -144,6 +153,7 @@ def validate(form: TranscriptionForm) -> TranscriptionRequest:
                for k, v in fields.items()}
     if not trimmed.get("response_format"):
         trimmed.pop("response_format", None)
+    trimmed.update({name: "" for name in form.unknown})
     schemas.check_form("TranscriptionRequest", trimmed,
                        {_GRANULARITIES: form.granularities} if form.granularities else {},
                        ["file"] if form.file is not None else [])

@@ -200,7 +200,8 @@ async def test_violations_are_400s_naming_the_field(client: Any, path: str, body
     assert needle in error["message"], error
 
 
-@pytest.mark.parametrize("raw", [b"garbage", b"[]", b"\"unload\"", b"null", b"{\"a\": 1}"])
+@pytest.mark.parametrize("raw", [b"garbage", b"[]", b"\"unload\"", b"null", b"{\"a\": 1}",
+                                 b"\n", b"  "])
 @pytest.mark.parametrize("path", ["/dev/unload", "/model/unload"])
 async def test_compat_unloads_refuse_bodies_they_do_not_understand(
         client: Any, path: str, raw: bytes) -> None:
@@ -208,7 +209,7 @@ async def test_compat_unloads_refuse_bodies_they_do_not_understand(
     assert response.status == 400, await response.text()
 
 
-@pytest.mark.parametrize("raw", [b"", b"{}", b"  "])
+@pytest.mark.parametrize("raw", [b"", b"{}", b" {} "])
 @pytest.mark.parametrize("path", ["/dev/unload", "/model/unload"])
 async def test_compat_unloads_take_no_body_or_an_empty_object(
         client: Any, path: str, raw: bytes) -> None:
