@@ -61,6 +61,7 @@ def _inputs(value: Any) -> list[str]:
 def _dimensions(value: Any) -> int | None:
     if value is None:
         return None
+    value = int(value) if isinstance(value, float) and value.is_integer() else value  # 8.0
     if type(value) is not int or not 1 <= value <= MAX_DIMENSIONS:
         raise BadRequest(f"'dimensions' must be a positive integer, got {str(value)[:40]}")
     return value
