@@ -208,7 +208,8 @@ class Inventory:
                     f"{declared.where}: there is no GPU {name} on this machine (NVML sees "
                     f"{', '.join(sorted(readings))})")
             self.devices[name] = self._device(name, declared, None)
-        _check_recipes(settings.models.values(), self.devices)
+        _check_recipes(settings.models.values(), self.devices,
+                       can_see_gpus=self.probe.source != "none")
 
     def _device(self, name: str, declared: DeviceBudget | None,
                 reading: GpuReading | None) -> Device:
@@ -307,10 +308,20 @@ class Inventory:
         } for d in self.devices.values()]
 
 
-def _check_recipes(recipes: Iterable[Recipe], devices: Mapping[str, Device]) -> None:
+def _check_recipes(recipes: Iterable[Recipe], devices: Mapping[str, Device], *,
+                   can_see_gpus: bool) -> None:
+    """A recipe pinned to a device nobody knows is a config error, except a GPU on a machine
+    where nothing can list GPUs (no NVML, none declared): it runs there unbudgeted, as
+    before devices had budgets, and the log says how to budget it."""
     for recipe in recipes:
         device = recipe.device
-        if device in ("auto", CPU, "cuda") or device in devices:
+        if device in ("auto", CPU, "cuda", "npu") or device in devices:
+            continue
+        if device.startswith("cuda") and not can_see_gpus and not any(
+                d.startswith("cuda") for d in devices):
+            log.warning("[models.%s] device = %r: no GPU can be listed here (install "
+                        "nvidia-ml-py, or declare [devices.\"%s\"] memory = ...), so its "
+                        "memory is not budgeted per device", recipe.name, device, device)
             continue
         known = ", ".join(["cpu", *devices]) or "cpu"
         raise ConfigError(

@@ -95,7 +95,8 @@ def test_every_view_shows_the_devices(start_server, tmp_path: Path) -> None:  # 
 
 def test_a_recipe_on_a_missing_gpu_stops_serve_with_one_line(tmp_path: Path) -> None:
     config = tmp_path / "lemonade.toml"
-    config.write_text('[models.lost]\nrecipe = "synthetic"\ntype = "tts"\ndevice = "cuda:3"\n')
+    config.write_text('[devices."cuda:0"]\nmemory = "8GiB"\n'
+                      '[models.lost]\nrecipe = "synthetic"\ntype = "tts"\ndevice = "cuda:3"\n')
     result = run_cli("serve", "--config", str(config), "--port", "0")
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()

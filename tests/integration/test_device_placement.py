@@ -127,6 +127,14 @@ async def test_a_recipe_on_a_device_that_does_not_exist_is_a_config_error(
     assert "[models.lost] device" in str(caught.value) and "cuda:5" in str(caught.value)
 
 
+async def test_without_a_gpu_probe_a_recipe_on_a_gpu_runs_unbudgeted(make: Factory) -> None:
+    # No NVML and no [devices] table: nothing can say whether cuda:0 exists, so the model is
+    # not refused; it goes to the worker as written and is charged to the CPU as before.
+    manager = await make(SERVER + gpu_model("plain", 100, device="cuda:0"))
+    await load(manager, "plain")
+    assert manager.slots["plain"].state is State.READY
+
+
 async def test_a_budget_for_a_gpu_the_probe_does_not_see_is_a_config_error(
         tmp_path: Path) -> None:
     probe_file = tmp_path / "gpus.json"
