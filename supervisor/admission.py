@@ -92,7 +92,8 @@ class Admission:
                         await self._wait_settled(outcome.wait_for, deadline)
                         continue
                     error_cls = Conflict if outcome.status == 409 else ServiceUnavailable
-                    raise error_cls(outcome.message, code="no_room",
+                    raise error_cls(outcome.message + self._others_note(chosen.device),
+                                    code="no_room",
                                     retry_after_s=outcome.retry_after_s or
                                     (None if outcome.status == 409 else 5))
                 if not outcome.evictions:
@@ -118,6 +119,14 @@ class Admission:
             waited = await self.inventory.wait_released(device)
             log.info("%s: %s's memory showed free after %.2fs", slot.name, device, waited)
 
+    def _others_note(self, device: str | None) -> str:
+        """Why a GPU's budget is smaller than configured, when other programs are the reason."""
+        d = self.inventory.devices.get(device or "")
+        if d is None or not d.used_by_others_bytes:
+            return ""
+        return (f" (other programs hold {_mib(d.used_by_others_bytes)} on {d.name}, which "
+                f"lowers its budget from {_mib(d.budget_bytes or 0)})")
+
     async def _wait_settled(self, names: Iterable[str], deadline: float) -> None:
         waits: list[asyncio.Future[Any]] = []
         for name in names:
@@ -133,3 +142,7 @@ class Admission:
             return
         timeout = max(0.0, deadline - asyncio.get_running_loop().time())
         await asyncio.wait([asyncio.shield(w) for w in waits], timeout=timeout)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB"

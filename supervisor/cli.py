@@ -53,6 +53,9 @@ def main() -> None:
 @click.option("--device-budget", "device_budget", multiple=True,
               help='Budget of a GPU or NPU, DEVICE=SIZE: "cuda:0=16GiB", "cuda:1=auto"; '
                    "repeatable. [env LEMONADE_DEVICE_BUDGETS, comma-separated]")
+@click.option("--vram-release-wait",
+              help="After a GPU worker exits, the next load on that GPU waits at most this long "
+                   'for its memory to show free: "5s". [env LEMONADE_VRAM_RELEASE_WAIT]')
 @click.option("--preload", multiple=True,
               help="Model to load at start; repeatable. [env LEMONADE_PRELOAD, comma-separated]")
 @click.option("--default-model",

@@ -162,6 +162,7 @@ async def test_other_programs_on_the_gpu_count_against_its_budget(
     with pytest.raises(Conflict) as caught:
         await load(manager, "m")
     assert "cuda:0" in caught.value.message and "424 MiB" in caught.value.message
+    assert "other programs hold 600 MiB on cuda:0" in caught.value.message
     devices = {row["name"]: row for row in device_rows(manager)}
     assert devices["cuda:0"]["used_by_others_bytes"] == 600 * MiB
     write_probe(probe_file, used_mb=0)  # the other program ended
