@@ -92,7 +92,12 @@ class Admission:
                         await self._wait_settled(outcome.wait_for, deadline)
                         continue
                     error_cls = Conflict if outcome.status == 409 else ServiceUnavailable
-                    raise error_cls(outcome.message + self._others_note(chosen.device),
+                    note = self._others_note(chosen.device)
+                    if outcome.wait_for:  # it waited, and the deadline ran out
+                        note += (f" (waited admission_timeout = "
+                                 f"{self.manager.settings.admission_timeout_s:g}s for "
+                                 f"{', '.join(outcome.wait_for)} to settle)")
+                    raise error_cls(outcome.message + note,
                                     code="no_room",
                                     retry_after_s=outcome.retry_after_s or
                                     (None if outcome.status == 409 else 5))

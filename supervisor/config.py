@@ -160,7 +160,15 @@ class Settings:
     min_residency_s: float = 0.0
     stop_grace_s: float = 10.0
     drain_timeout_s: float = 60.0
+    # The phases of a load, each with its own deadline; the error names the one that ran out.
+    #: Process start (spawn, or fork from a zygote, and a zygote's own start) to the hello.
+    handshake_timeout_s: float = 60.0
+    #: The load itself, stall-based: each progress report starts the window again.
     load_timeout_s: float = 120.0
+    #: The recipe's warmup call after the load.
+    warmup_timeout_s: float = 120.0
+    #: Waiting for room: other models' loads and stops to settle before this one may start.
+    admission_timeout_s: float = 120.0
     call_timeout_s: float = 600.0
     load_failure_cooldown_s: float = 10.0
     load_failure_cooldown_max_s: float = 300.0
@@ -226,7 +234,10 @@ _SERVER_KEYS: tuple[_ServerKey, ...] = tuple(
         ("min_residency", "min_residency_s", duration(), ""),
         ("stop_grace", "stop_grace_s", duration(), ""),
         ("drain_timeout", "drain_timeout_s", duration(), ""),
+        ("handshake_timeout", "handshake_timeout_s", duration(positive=True), ""),
         ("load_timeout", "load_timeout_s", duration(positive=True), ""),
+        ("warmup_timeout", "warmup_timeout_s", duration(positive=True), ""),
+        ("admission_timeout", "admission_timeout_s", duration(positive=True), ""),
         ("call_timeout", "call_timeout_s", duration(positive=True), ""),
         ("load_failure_cooldown", "load_failure_cooldown_s", duration(), ""),
         ("load_failure_cooldown_max", "load_failure_cooldown_max_s", duration(), ""),

@@ -116,7 +116,7 @@ class Manager:
         self._heartbeat = asyncio.create_task(self.watcher.heartbeat_loop(), name="heartbeat")
         self.zygotes = ZygotePool(self.settings.zygotes,
                                   worker_environment(data_dir=self.settings.data_dir),
-                                  start_timeout_s=self.settings.load_timeout_s,
+                                  start_timeout_s=self.settings.handshake_timeout_s,
                                   idle_timeout_s=self.settings.zygote_idle_timeout_s,
                                   on_idle_exit=self._zygote_idle_exit)
         kinds = list(dict.fromkeys(r.kind for r in self.settings.models.values()))
@@ -450,7 +450,7 @@ class Manager:
             async with self._load_slots:
                 try:
                     await self.admission.admit(
-                        slot, deadline=started + self.settings.load_timeout_s)
+                        slot, deadline=started + self.settings.admission_timeout_s)
                 except LemonadeError as e:
                     # No room (409/503): not the model's fault, so no failure and no cooldown.
                     self.forget_process(slot)

@@ -48,18 +48,18 @@ class WorkerStarter:
             m.runtime_dir = create_runtime_dir(m.runtime_base)
         recipe = slot.recipe
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + m.settings.load_timeout_s
+        started = loop.time()
         slot.spawn_seq += 1
         try:
             worker = await WorkerProcess.spawn(
                 model=recipe.name, kind=recipe.kind, runtime_dir=m.runtime_dir,
-                seq=slot.spawn_seq, handshake_timeout_s=m.settings.load_timeout_s,
+                seq=slot.spawn_seq, handshake_timeout_s=m.settings.handshake_timeout_s,
                 max_concurrency=recipe.max_concurrency, data_dir=m.settings.data_dir,
                 zygotes=m.zygotes,
                 on_bar=functools.partial(m.load_progress.take_bar, recipe.name),
             )
         except GatewayTimeout:
-            raise self._load_timeout() from None
+            raise self._timeout("handshake", loop.time() - started) from None
         channel = Channel(recipe.name, worker.reader, worker.writer,
                           on_broken=lambda reason: worker.kill(),
                           hang_timeout_s=m.settings.heartbeat_timeout_s)
@@ -75,6 +75,7 @@ class WorkerStarter:
                  worker.hello_seconds * 1000)
         m.events.publish("spawned", recipe.name, pid=worker.pid, how=worker.started_by,
                             hello_seconds=round(worker.hello_seconds, 4))
+        phase, started = "load", loop.time()
         try:
             loaded = await channel.load(
                 name=recipe.name, type=recipe.type,
@@ -83,14 +84,15 @@ class WorkerStarter:
                 timeout_s=m.settings.load_timeout_s,  # without progress: stall-based
                 on_progress=report_progress,
             )
-            warmup_s = await self._warmup(slot, channel, deadline) if recipe.warmup else None
+            phase, started = "warmup", loop.time()
+            warmup_s = await self._warmup(slot, channel) if recipe.warmup else None
         except BaseException as e:
             m.forget_process(slot)
             await asyncio.shield(worker.stop(0))
             if isinstance(e, WorkerFailed) and not worker.alive:
                 e.message = f"{e.message} ({worker.describe_exit()}: {worker.last_output()})"
             if isinstance(e, GatewayTimeout):
-                raise self._load_timeout() from None
+                raise self._timeout(phase, loop.time() - started) from None
             raise
         slot.device = loaded.device
         slot.info = dict(loaded.info)
@@ -117,18 +119,27 @@ class WorkerStarter:
             slot.measured_cost_bytes = slot.vram_bytes or ram
         return worker
 
-    def _load_timeout(self) -> GatewayTimeout:
+    def _timeout(self, phase: str, waited_s: float) -> GatewayTimeout:
+        """A 504 that names the phase whose deadline ran out, its setting and the wait."""
+        settings = self.manager.settings
+        limit, what = {
+            "handshake": (settings.handshake_timeout_s,
+                          "the worker process did not start and say hello"),
+            "load": (settings.load_timeout_s, "the load sent no progress and did not finish"),
+            "warmup": (settings.warmup_timeout_s, "the warmup call did not finish"),
+        }[phase]
         return GatewayTimeout(
-            f"no answer within load_timeout ({self.manager.settings.load_timeout_s:g}s)",
+            f"{what} within {phase}_timeout ({limit:g}s; waited {waited_s:.1f}s)",
             code="timeout",
         )
 
-    async def _warmup(self, slot: Slot, channel: Channel, deadline: float) -> float | None:
+    async def _warmup(self, slot: Slot, channel: Channel) -> float | None:
         """Run the kind's warmup call; returns its seconds, or None if the kind has none."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            async with channel.call(WARMUP_OP, {}, timeout_s=max(0.1, deadline - started)) as call:
+            limit = self.manager.settings.warmup_timeout_s
+            async with channel.call(WARMUP_OP, {}, timeout_s=limit) as call:
                 await call.collect()
         except LemonadeError as e:
             if e.worker_code != ErrorCode.UNSUPPORTED:
