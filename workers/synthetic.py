@@ -373,8 +373,10 @@ class SyntheticModel(Model):
 
     def call(self, op: str, args: Mapping[str, Any], ctx: CallContext) -> Any:
         if op == WARMUP_OP:
-            # Exercise the synthesis path once so the first real request pays no first-use cost.
+            # Exercise the synthesis path once so the first real request pays no first-use cost;
+            # a warmup is one call, so it takes a call's latency_ms too.
             tone_pcm(440.0, self.config.sample_rate, speech_samples("warmup", 1.0, 8000))
+            ctx.sleep(self.config.latency_ms / 1000)
             return {"warmed_up": True}
         if op == "voices":
             return {"voices": sorted(VOICES), "default": "tone"}
