@@ -93,7 +93,8 @@ def serve(**options: Any) -> None:
     from workers import event_loop
 
     try:
-        event_loop.run(run_server(settings))
+        # A config reload (SIGHUP, `lemonade reload`) reads the same flags and environment.
+        event_loop.run(run_server(settings, lambda: load_settings(cli=cli, env=os.environ)))
     except StartupError as e:  # a port in use, an unwritable data dir: one line, no traceback
         raise _CannotStart(str(e)) from None
 
@@ -221,6 +222,20 @@ def _idle_exit_in(zygote: dict[str, Any]) -> str:
     if left is None:
         return "-" if zygote.get("workers") else "never"
     return format_duration(max(0.0, round(left)))
+
+
+@main.command()
+@url_option
+def reload(url: str | None) -> None:
+    """Re-read the config files and apply the difference without a restart."""
+    report = _request(url, "POST", "/api/v1/reload", body={}, timeout=30)
+    lines = [f"{label}: {', '.join(report[key])}" for key, label in (
+        ("added", "added"), ("removed", "removed (drained, then unloaded)"),
+        ("changed", "recipe changed"), ("reload_when_idle", "reloaded once idle"),
+        ("server_settings_applied", "server settings applied"),
+        ("restart_needed", "needs a restart to apply"),
+    ) if report.get(key)]
+    click.echo("\n".join(lines) or "no changes")
 
 
 @main.command()

@@ -208,8 +208,7 @@ class Inventory:
                     f"{declared.where}: there is no GPU {name} on this machine (NVML sees "
                     f"{', '.join(sorted(readings))})")
             self.devices[name] = self._device(name, declared, None)
-        _check_recipes(settings.models.values(), self.devices,
-                       can_see_gpus=self.probe.source != "none")
+        self.check_recipes(settings.models.values())
 
     def _device(self, name: str, declared: DeviceBudget | None,
                 reading: GpuReading | None) -> Device:
@@ -236,6 +235,10 @@ class Inventory:
         except Exception as e:  # a driver hiccup must not take admission down
             log.warning("reading the GPUs failed: %s", e)
             return []
+
+    def check_recipes(self, recipes: Iterable[Recipe]) -> None:
+        """ConfigError for a recipe on a device that does not exist (a reload checks again)."""
+        _check_recipes(recipes, self.devices, can_see_gpus=self.probe.source != "none")
 
     @property
     def gpus(self) -> list[str]:

@@ -90,6 +90,10 @@ class Slot:
     reserved_bytes: int = 0
     #: What the reservation holds on devices other than the CPU ({"cuda:0": bytes}).
     reserved_device_bytes: dict[str, int] = field(default_factory=dict)
+    #: A config reload changed the recipe while the model was loaded: used from the next load.
+    pending_recipe: Recipe | None = None
+    #: A config reload removed the model: new requests get 404; dropped once unloaded.
+    removed: bool = False
     #: The device admission chose (None: none chosen, no GPU known); kept until unload.
     placed_device: str | None = None
     load_future: asyncio.Future[None] | None = None  # what requests joining the load await

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from supervisor import policy
+from supervisor import policy, reload
 from supervisor.admission import Admission
 from supervisor.channel import Channel
 from supervisor.config import Recipe, Settings, effective_preload
@@ -80,7 +80,7 @@ class Manager:
         self.settings = settings
         self.events = EventBus()
         self.slots: dict[str, Slot] = {
-            name: Slot(recipe=recipe, timer=IdleTimer(functools.partial(self._idle_expired, name)))
+            name: Slot(recipe=recipe, timer=IdleTimer(functools.partial(self.idle_expired, name)))
             for name, recipe in settings.models.items()
         }
         self.runtime_global_idle_timeout_s: float | None = None
@@ -178,13 +178,15 @@ class Manager:
     # ================================================================ lookups
 
     def slot(self, name: str) -> Slot:
-        try:
-            return self.slots[name]
-        except KeyError:
-            known = ", ".join(sorted(self.slots)) or "none"
+        slot = self.slots.get(name)
+        if slot is None or slot.removed:
+            known = ", ".join(sorted(n for n, s in self.slots.items() if not s.removed))
+            removed = " (it was removed by a config reload)" if slot is not None else ""
             raise ModelNotFound(
-                f"model '{name}' is not configured; configured models: {known}"
-            ) from None
+                f"model '{name}' is not configured{removed}; configured models: "
+                f"{known or 'none'}"
+            )
+        return slot
 
     def effective_idle_timeout(self, slot: Slot) -> EffectiveTimeout:
         """DESIGN.md "Idle timeout": request > runtime > recipe > global."""
@@ -234,6 +236,8 @@ class Manager:
         while True:
             if self._closing:
                 raise ServiceUnavailable("the server is shutting down", retry_after_s=5)
+            if slot.removed:
+                self.slot(name)  # raises: a reload removed it while this request waited
             state = slot.state
             if state is State.READY:
                 for callback in self.on_admitted:  # before anything is held: one may raise
@@ -276,11 +280,15 @@ class Manager:
         slot.touch(asyncio.get_running_loop().time())
         if slot.in_flight == 0:
             slot.idle.set()
-            self._became_idle(slot)
+            self.became_idle(slot)
 
-    def _became_idle(self, slot: Slot) -> None:
+    def became_idle(self, slot: Slot) -> None:
         """Arm the idle timer (or retire at once for ``keep_alive: 0``) when nobody holds it."""
         if slot.state is not State.READY or slot.in_flight or slot.waiters or self._closing:
+            return
+        if slot.removed or slot.pending_recipe is not None:  # a config reload asked for it
+            reason = "removed" if slot.removed else "reload"
+            self.spawn_task(self.retire_quietly(slot, reason), f"retire-{slot.name}")
             return
         timeout = self.effective_idle_timeout(slot)
         if slot.pinned or math.isinf(timeout.seconds):
@@ -291,7 +299,7 @@ class Manager:
             return
         slot.timer.arm(timeout.seconds)
 
-    def _idle_expired(self, name: str, generation: int) -> None:
+    def idle_expired(self, name: str, generation: int) -> None:
         slot = self.slots[name]
         if generation != slot.timer.generation:
             return  # cancelled or re-armed after this timer was scheduled
@@ -351,7 +359,7 @@ class Manager:
         for slot in slots:
             slot.request_idle_timeout_s = None  # the newer instruction wins
             if slot.state is State.READY and not slot.busy:
-                self._became_idle(slot)
+                self.became_idle(slot)
 
     # ================================================================ retire: the one path
 
@@ -405,6 +413,14 @@ class Manager:
             slot.transition(State.UNLOADED)
             log.info("worker %d for %s unloaded (%s)", pid, slot.name, reason)
             self.events.publish("unloaded", slot.name, pid=pid, reason=reason)
+            self._after_unload(slot)
+
+    def _after_unload(self, slot: Slot) -> None:
+        """What a config reload left for this moment: a new recipe, or the slot's removal."""
+        if slot.pending_recipe is not None:
+            reload.switch_recipe(slot, slot.pending_recipe)
+        if slot.removed and self.slots.get(slot.name) is slot:
+            del self.slots[slot.name]
 
     def forget_process(self, slot: Slot) -> None:
         if slot.channel is not None:
@@ -496,7 +512,7 @@ class Manager:
         self.events.publish("loaded", slot.name, pid=slot.pid, load_seconds=slot.load_seconds,
                             rss_bytes=slot.rss_bytes, vram_bytes=slot.vram_bytes)
         future.set_result(None)
-        self._became_idle(slot)
+        self.became_idle(slot)
 
     def _record_failure(self, slot: Slot, error: LemonadeError) -> None:
         slot.failures += 1

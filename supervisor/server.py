@@ -17,13 +17,17 @@ import errno
 import logging
 import signal
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
 
 from supervisor.api.app import create_app
+from supervisor.api.config_reload import reload_now
+from supervisor.api.keys import MANAGER, RELOADER
 from supervisor.config import Settings
 from supervisor.config_values import ConfigError
+from supervisor.errors import BadRequest
 from supervisor.rundir import StartupError, prepare_data_dir
 from workers import proctitle
 
@@ -35,14 +39,16 @@ SHUTDOWN_TIMEOUT_S = 10.0
 __all__ = ["SHUTDOWN_TIMEOUT_S", "StartupError", "serve"]
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, reloader: Callable[[], Settings] | None = None) -> None:
+    """Run until SIGTERM/SIGINT; SIGHUP re-reads the config (``reloader``) and applies it."""
     proctitle.server()
     prepare_data_dir(settings.data_dir)
     _probe_port(settings.host, settings.port)
     if settings.config_path is None:
         log.warning("%s", _no_config_line(settings))
     try:
-        app = create_app(settings)  # reads the devices: a recipe on a missing GPU stops here
+        # Reads the devices: a recipe on a missing GPU stops here.
+        app = create_app(settings, reloader=reloader)
     except ConfigError as e:
         raise StartupError(str(e)) from None
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=SHUTDOWN_TIMEOUT_S,
@@ -52,6 +58,7 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _reload_on_hangup, app)
     try:
         site = web.TCPSite(runner, settings.host, settings.port)
         try:
@@ -66,6 +73,15 @@ async def serve(settings: Settings) -> None:
         log.info("shutting down: finishing requests, then stopping every worker")
     finally:
         await runner.cleanup()
+
+
+def _reload_on_hangup(app: web.Application) -> None:
+    """SIGHUP: the same reload as ``POST /api/v1/reload``; the outcome goes to the log."""
+    log.info("SIGHUP: reloading the config")
+    try:
+        reload_now(app[MANAGER], app[RELOADER])
+    except BadRequest:
+        pass  # reload_now logged why, naming file and key; the running config stays
 
 
 def _probe_port(host: str, port: int) -> None:

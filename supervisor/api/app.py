@@ -9,6 +9,7 @@ and answered 500.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,12 +17,21 @@ from typing import Any
 
 from aiohttp import web
 
-from supervisor.api import access_log, admin, chat, compat, embeddings, openai, transcriptions
+from supervisor.api import (
+    access_log,
+    admin,
+    chat,
+    compat,
+    config_reload,
+    embeddings,
+    openai,
+    transcriptions,
+)
 from supervisor.api.access_log import CLIENT_CLOSED_REQUEST
-from supervisor.api.keys import MANAGER, METRICS, SETTINGS, SHUTTING_DOWN, STARTED_AT
+from supervisor.api.keys import MANAGER, METRICS, RELOADER, SETTINGS, SHUTTING_DOWN, STARTED_AT
 from supervisor.api.openapi import routes as openapi_routes
 from supervisor.api.security import add_cors_headers, auth_middleware, loopback_only
-from supervisor.config import Settings, is_loopback_host
+from supervisor.config import Settings, is_loopback_host, load_settings
 from supervisor.errors import LemonadeError
 from supervisor.manager import Manager
 from supervisor.metrics import Metrics
@@ -83,7 +93,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
                               type_="server_error", code="internal_error")
 
 
-def create_app(settings: Settings, *, runtime_base: str | None = None) -> web.Application:
+def create_app(settings: Settings, *, runtime_base: str | None = None,
+               reloader: Callable[[], Settings] | None = None) -> web.Application:
+    """``reloader`` builds the settings again for a config reload (default: the same file)."""
     manager = Manager(settings, runtime_base=runtime_base)
     metrics = Metrics(manager)
     # The access log is outermost: it sees the status the inner middlewares answered with.
@@ -97,6 +109,8 @@ def create_app(settings: Settings, *, runtime_base: str | None = None) -> web.Ap
         middlewares.append(auth_middleware(settings.api_key))
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=middlewares)
     app[SETTINGS] = settings
+    app[RELOADER] = reloader or functools.partial(
+        load_settings, cli={"config": settings.config_path} if settings.config_path else {})
     app[MANAGER] = manager
     app[METRICS] = metrics
     access_log.install(app, manager)
@@ -109,6 +123,7 @@ def create_app(settings: Settings, *, runtime_base: str | None = None) -> web.Ap
     app.add_routes(compat.routes)
     app.add_routes(transcriptions.routes)
     app.add_routes(openapi_routes)
+    app.add_routes(config_reload.routes)
 
     async def manager_lifetime(app: web.Application) -> AsyncIterator[None]:
         await manager.start()

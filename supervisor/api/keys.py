@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -16,3 +17,5 @@ METRICS = web.AppKey("metrics", Metrics)
 STARTED_AT = web.AppKey("started_at", float)
 #: Set when the server starts shutting down, so open event streams end instead of holding it up.
 SHUTTING_DOWN = web.AppKey("shutting_down", asyncio.Event)
+#: Builds the settings again from the same files, flags and environment (config reload).
+RELOADER = web.AppKey("reloader", Callable[[], Settings])

@@ -38,7 +38,7 @@ async def test_c5_timer_manual_unload_and_eviction_at_once_stop_once(
     h.manager.events.listen(lambda e: unloaded.append(e) if e["event"] == "unloaded" else None)
     pid = slot.pid
     # All three in one loop tick: the timer's callback, a manual unload, an LRU retire.
-    h.manager._idle_expired("m", slot.timer.generation)
+    h.manager.idle_expired("m", slot.timer.generation)
     results = await asyncio.gather(h.manager.unload("m"), h.manager.retire(slot, "lru"),
                                    return_exceptions=True)
     assert not [r for r in results if isinstance(r, BaseException)]
@@ -59,7 +59,7 @@ async def test_c6_stale_timer_of_a_previous_incarnation_is_harmless(
     await h.manager.unload("m")
     await h.manager.load("m")
     pid = slot.pid
-    h.manager._idle_expired("m", stale)  # the old incarnation's timer fires late
+    h.manager.idle_expired("m", stale)  # the old incarnation's timer fires late
     await asyncio.sleep(0.1)
     assert slot.state is State.READY and slot.pid == pid  # not unloaded early
 
