@@ -191,6 +191,16 @@ class Settings:
     zygote_idle_timeout_s: float = 600.0
     #: One INFO line per request under the ``supervisor.access`` logger.
     access_log: bool = True
+    # Slow and greedy clients (slow_clients.py, manager.ensure_ready).
+    #: A new connection must send its first request's whole header block within this.
+    header_timeout_s: float = 10.0
+    #: A request body (JSON, form) must arrive within this; else 408.
+    body_timeout_s: float = 60.0
+    #: Open connections at most; one more gets a 503 and is closed (None: no cap).
+    max_connections: int | None = 512
+    #: Requests waiting for a model (a load, a stop, a free slot) across all models; one more
+    #: is a 503 with Retry-After (None: no cap).
+    max_waiting: int | None = 256
     #: After a GPU worker exits, the next load on that GPU waits at most this long for the
     #: driver to show its memory free (devices.py).
     vram_release_wait_s: float = 5.0
@@ -250,6 +260,10 @@ _SERVER_KEYS: tuple[_ServerKey, ...] = tuple(
         ("zygote_idle_timeout", "zygote_idle_timeout_s", duration(zero_means_never=True), ""),
         ("access_log", "access_log", parse_bool, ""),
         ("vram_release_wait", "vram_release_wait_s", duration(), ""),
+        ("header_timeout", "header_timeout_s", duration(positive=True), ""),
+        ("body_timeout", "body_timeout_s", duration(positive=True), ""),
+        ("max_connections", "max_connections", parse_max_loaded, ""),
+        ("max_waiting", "max_waiting", parse_max_loaded, ""),
     )
 )
 _SERVER_FILE_KEYS = (*(k.key for k in _SERVER_KEYS), "max_loaded_per_type")

@@ -11,6 +11,7 @@ not a :class:`LemonadeError` reaching that middleware is a bug and is logged as 
     ├── ModelNotFound           404 model_not_found
     ├── Conflict                409 (pinned / protected by priority / can never fit)
     ├── PayloadTooLarge         413
+    ├── RequestTimeout          408 (the body arrived too slowly)
     ├── TooManyRequests         429 + Retry-After (the model's max_queue is full)
     ├── WorkerFailed            502 (worker died, broke the protocol, or failed inside)
     ├── ServiceUnavailable      503 + Retry-After (load failed, busy, cooling down)
@@ -90,6 +91,14 @@ class WorkerFailed(LemonadeError):
     status = 502
     type = "server_error"
     code = "worker_failed"
+
+
+class RequestTimeout(LemonadeError):
+    """408: the client sent its request body too slowly (``body_timeout``)."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
 
 
 class ServiceUnavailable(LemonadeError):

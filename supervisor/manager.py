@@ -233,6 +233,8 @@ class Manager:
                     f"(max_concurrency {slot.recipe.max_concurrency} + max_queue {max_queue})",
                     retry_after_s=1,
                 )
+        if limited and self.settings.max_waiting is not None and not self._closing:
+            self._check_global_queue(slot)
         while True:
             if self._closing:
                 raise ServiceUnavailable("the server is shutting down", retry_after_s=5)
@@ -273,6 +275,22 @@ class Manager:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(slot.stop_task)
                 continue
+
+    def waiting_requests(self) -> int:
+        """Requests waiting anywhere: for a load or a stop, or for a free slot in a worker."""
+        return sum(s.waiters + max(0, s.in_flight - s.recipe.max_concurrency)
+                   for s in self.slots.values())
+
+    def _check_global_queue(self, slot: Slot) -> None:
+        """``max_waiting``: a request that would wait, beyond the cap, is a 503 now."""
+        would_wait = (slot.state is not State.READY
+                      or slot.in_flight >= slot.recipe.max_concurrency)
+        cap = self.settings.max_waiting
+        if would_wait and cap is not None and self.waiting_requests() >= cap:
+            raise ServiceUnavailable(
+                f"{self.waiting_requests()} requests are already waiting across all models "
+                f"(max_waiting {cap}); try again shortly",
+                code="server_queue_full", retry_after_s=1)
 
     def release(self, slot: Slot) -> None:
         slot.in_flight -= 1

@@ -29,12 +29,15 @@ from supervisor.config import Settings
 from supervisor.config_values import ConfigError
 from supervisor.errors import BadRequest
 from supervisor.rundir import StartupError, prepare_data_dir
+from supervisor.slow_clients import GuardedRunner
 from workers import proctitle
 
 log = logging.getLogger(__name__)
 
 #: How long in-flight HTTP requests get to finish when the server is asked to stop.
 SHUTDOWN_TIMEOUT_S = 10.0
+#: An idle keep-alive connection is closed after this (nginx uses 75 s too).
+KEEPALIVE_TIMEOUT_S = 75.0
 
 __all__ = ["SHUTDOWN_TIMEOUT_S", "StartupError", "serve"]
 
@@ -51,8 +54,12 @@ async def serve(settings: Settings, reloader: Callable[[], Settings] | None = No
         app = create_app(settings, reloader=reloader)
     except ConfigError as e:
         raise StartupError(str(e)) from None
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=SHUTDOWN_TIMEOUT_S,
-                           access_log=None)
+    # Slow clients: a header deadline and a connection cap in front of aiohttp, and an idle
+    # keep-alive connection closed after 75 s (aiohttp's own default is an hour).
+    runner = GuardedRunner(app, header_timeout_s=settings.header_timeout_s,
+                           max_connections=settings.max_connections,
+                           handler_cancellation=True, shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+                           access_log=None, keepalive_timeout=KEEPALIVE_TIMEOUT_S)
     await runner.setup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -35,6 +35,7 @@ from supervisor.config import Settings, is_loopback_host, load_settings
 from supervisor.errors import LemonadeError
 from supervisor.manager import Manager
 from supervisor.metrics import Metrics
+from supervisor.slow_clients import body_deadline
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ def create_app(settings: Settings, *, runtime_base: str | None = None,
         middlewares.append(loopback_only)
     if settings.api_key:
         middlewares.append(auth_middleware(settings.api_key))
+    middlewares.append(body_deadline(settings.body_timeout_s))
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=middlewares)
     app[SETTINGS] = settings
     app[RELOADER] = reloader or functools.partial(

@@ -18,4 +18,4 @@ STARTED_AT = web.AppKey("started_at", float)
 #: Set when the server starts shutting down, so open event streams end instead of holding it up.
 SHUTTING_DOWN = web.AppKey("shutting_down", asyncio.Event)
 #: Builds the settings again from the same files, flags and environment (config reload).
-RELOADER = web.AppKey("reloader", Callable[[], Settings])
+RELOADER: web.AppKey[Callable[[], Settings]] = web.AppKey("reloader")

@@ -202,6 +202,13 @@ zygotes = "Eager"
 zygote_idle_timeout = "2m"
 access_log = false
 vram_release_wait = "2s"
+handshake_timeout = "20s"
+warmup_timeout = "40s"
+admission_timeout = "50s"
+header_timeout = "3s"
+body_timeout = "4s"
+max_connections = 100
+max_waiting = 0
 """
     + MINIMAL_MODEL
 )
@@ -231,6 +238,9 @@ def test_every_server_key_from_file(tmp_path: Path) -> None:
     assert s.zygote_idle_timeout_s == 120.0
     assert s.access_log is False
     assert s.vram_release_wait_s == 2.0
+    assert (s.handshake_timeout_s, s.warmup_timeout_s, s.admission_timeout_s) == (20, 40, 50)
+    assert (s.header_timeout_s, s.body_timeout_s) == (3.0, 4.0)
+    assert (s.max_connections, s.max_waiting) == (100, None)  # 0 = no cap
     file_source = f"file {tmp_path / 'lemonade.toml'}"
     assert all(source == file_source for name, source in s.sources.items() if name != "api_key")
 
