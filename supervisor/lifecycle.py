@@ -124,6 +124,8 @@ class Slot:
     failures: int = 0
     cooldown_until_mono: float = 0.0
     last_error: str | None = None
+    #: When the slot entered its current state (monotonic clock), for the liveness check.
+    state_since_mono: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
         self.idle.set()
@@ -150,6 +152,7 @@ class Slot:
                 f"model '{self.name}': cannot go from {self.state.value} to {new.value}"
             )
         self.state = new
+        self.state_since_mono = time.monotonic()
 
     def touch(self, now_mono: float) -> None:
         self.last_used_mono = now_mono

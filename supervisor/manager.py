@@ -276,6 +276,10 @@ class Manager:
                     await asyncio.shield(slot.stop_task)
                 continue
 
+    @property
+    def heartbeat_task(self) -> asyncio.Task[None] | None:
+        return self._heartbeat
+
     def waiting_requests(self) -> int:
         """Requests waiting anywhere: for a load or a stop, or for a free slot in a worker."""
         return sum(s.waiters + max(0, s.in_flight - s.recipe.max_concurrency)

@@ -22,6 +22,7 @@ from supervisor.api.body import Body, parse_json_object
 from supervisor.api.keys import MANAGER, METRICS, SHUTTING_DOWN, STARTED_AT
 from supervisor.errors import BadRequest
 from supervisor.lifecycle import State
+from supervisor.liveness import stalls
 from supervisor.status import device_rows, model_rows
 
 routes = web.RouteTableDef()
@@ -80,12 +81,15 @@ async def api_health(request: web.Request) -> web.Response:
         {"model_name": s.name, "type": s.recipe.type, "pid": s.pid, "device": s.device}
         for s in manager.slots.values() if s.state is State.READY
     ]
+    # Unhealthy (503) when a load or stop is stuck past every deadline (liveness.py).
+    problems = stalls(manager)
     return web.json_response({
-        "status": "ok",
+        "status": "unhealthy" if problems else "ok",
         "version": __version__,
         "model_loaded": loaded[0]["model_name"] if len(loaded) == 1 else None,
         "all_models_loaded": loaded,
-    })
+        "problems": problems,
+    }, status=503 if problems else 200)
 
 
 @routes.get("/api/v1/status")
