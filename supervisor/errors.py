@@ -1,7 +1,8 @@
 """Every error a client can see, as one exception tree that knows its HTTP status.
 
 Code anywhere in the supervisor raises one of these; a single middleware (``api/middleware``)
-turns it into OpenAI's error JSON ``{"error": {"message", "type", "code"}}``. Anything that is
+turns it into OpenAI's error JSON ``{"error": {"message", "type", "param", "code"}}``, where
+``param`` names the request field at fault (None when no one field is). Anything that is
 not a :class:`LemonadeError` reaching that middleware is a bug and is logged as one.
 
     LemonadeError
@@ -21,6 +22,7 @@ not a :class:`LemonadeError` reaching that middleware is a bug and is logged as 
 from __future__ import annotations
 
 import math
+import re
 
 
 class LemonadeError(Exception):
@@ -31,13 +33,16 @@ class LemonadeError(Exception):
     worker_code: str | None = None
 
     def __init__(
-        self, message: str, *, code: str | None = None, retry_after_s: float | None = None
+        self, message: str, *, code: str | None = None, retry_after_s: float | None = None,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
         self.retry_after_s = retry_after_s
+        #: The request field the error is about (OpenAI's ``error.param``), when one is.
+        self.param = param
 
     def retry_after_header(self) -> str | None:
         if self.retry_after_s is None:
@@ -46,9 +51,26 @@ class LemonadeError(Exception):
 
 
 class BadRequest(LemonadeError):
+    """400. ``param`` defaults to the field a message opens with (``'speed' must be ...``):
+    every field check words its message that way, so each one names its field for OpenAI's
+    ``error.param`` without repeating the name."""
+
     status = 400
     type = "invalid_request_error"
     code = "invalid_request"
+
+    def __init__(
+        self, message: str, *, code: str | None = None, retry_after_s: float | None = None,
+        param: str | None = None,
+    ) -> None:
+        if param is None:
+            opening = _FIELD_OPENING.match(message)
+            param = opening.group(1) if opening else None
+        super().__init__(message, code=code, retry_after_s=retry_after_s, param=param)
+
+
+#: ``'messages[0].content' must be ...``: a field name (with indexes and dots) in quotes.
+_FIELD_OPENING = re.compile(r"'([A-Za-z_][A-Za-z0-9_]*(?:\[\d*\]|\.[A-Za-z_][A-Za-z0-9_]*)*)'")
 
 
 class Unauthorized(LemonadeError):

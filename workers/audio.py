@@ -23,9 +23,12 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
-FORMATS: tuple[str, ...] = ("wav", "pcm", "flac", "mp3", "opus")
-#: Formats whose bytes can go out sentence by sentence.
-PROGRESSIVE_FORMATS: frozenset[str] = frozenset({"wav", "pcm", "opus"})
+from workers import speech_formats
+
+#: What this module encodes, and what of it streams sentence by sentence (the one table both
+#: the kinds and the routes read: workers.speech_formats).
+FORMATS: tuple[str, ...] = speech_formats.ENCODED_FORMATS
+PROGRESSIVE_FORMATS: frozenset[str] = speech_formats.PROGRESSIVE_FORMATS
 _SOUNDFILE: dict[str, tuple[str, str]] = {
     "flac": ("FLAC", "PCM_16"),
     "mp3": ("MP3", "MPEG_LAYER_III"),

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from workers.base import ModelError
@@ -71,6 +71,9 @@ class Option:
     #: Inclusive bounds for ``integer`` and ``number`` values.
     low: float | None = None
     high: float | None = None
+    #: A check of its own for what types and bounds cannot say (the entries of a table):
+    #: returns what the value must be, as a phrase to follow "must be", or None when fine.
+    check: Callable[[Any], str | None] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if not self.types:
@@ -106,6 +109,8 @@ class Option:
             if (self.low is not None and number < self.low) or (
                     self.high is not None and number > self.high):
                 return self.expected()
+        if self.check is not None:
+            return self.check(value)
         return None
 
     def suggestion(self, value: object) -> str:

@@ -14,7 +14,7 @@ must exist, a voice that must be installed).
 
 from __future__ import annotations
 
-from workers import synthetic_imports
+from workers import synthetic_imports, voice_aliases
 from workers.english_g2p import BACKENDS as G2P_BACKENDS
 from workers.options import Option, OptionSpec
 
@@ -37,6 +37,14 @@ def _type(served: str) -> Option:
                   choices=(served,))
 
 
+def _voice_aliases(kind: str) -> Option:
+    # Checked entry by entry: names, and for the kinds whose voices are fixed, the voices.
+    return Option(voice_aliases.OPTION, ("table",),
+                  "speech voice names (OpenAI's alloy, nova, ... or your own) -> voices of "
+                  "this model, over the kind's default table (workers/voice_aliases.py)",
+                  check=voice_aliases.option_problem(kind))
+
+
 def _threads(default: str) -> Option:
     return Option("threads", ("integer",), f"CPU threads for inference (default {default})",
                   low=1, high=256)
@@ -54,6 +62,7 @@ SYNTHETIC = OptionSpec("synthetic", (
     Option("crash_on_call", ("boolean",), "every call kills the process (false)"),
     Option("sample_rate", ("integer",), "Hz (24000)", low=8000, high=48000),
     Option("progress", ("boolean",), "false: load with no progress reports (true)"),
+    _voice_aliases("synthetic"),
     Option("fault", ("string",), "one fault to inject (none)",
            choices=("none", *SYNTHETIC_LOAD_FAULTS, *SYNTHETIC_CALL_FAULTS)),
     Option("fault_after_chunks", ("integer",), "chunks sent before a *_mid_call fault (1)",
@@ -80,6 +89,7 @@ KOKORO = OptionSpec("kokoro", (
     Option("g2p", ("string",), 'the phonemizer ("auto": misaki+spaCy if installed)',
            choices=("auto", "misaki", "espeak")),
     Option("seed", ("integer",), "seed for random weights and voices (0)"),
+    _voice_aliases("kokoro"),
 ))
 
 KOKORO_ONNX = OptionSpec("kokoro-onnx", (
@@ -90,6 +100,7 @@ KOKORO_ONNX = OptionSpec("kokoro-onnx", (
     Option("g2p", ("string",), 'the phonemizer ("hibari")', choices=G2P_BACKENDS),
     Option("british", ("boolean",), "British English phonemes (false)"),
     _type("tts"),
+    _voice_aliases("kokoro-onnx"),
 ))
 
 HIBARI = OptionSpec("hibari", (
@@ -98,6 +109,7 @@ HIBARI = OptionSpec("hibari", (
     Option("seed", ("integer",), "fixes the noise, so the same text gives the same audio",
            low=0),
     _type("tts"),
+    _voice_aliases("hibari"),
 ))
 
 LLM = OptionSpec("llm", (

@@ -5,7 +5,7 @@ what a request may ask for and how the samples reach the supervisor is one contr
 here so the two cannot drift apart:
 
 - ``input`` (non-empty, at most 4096 characters, OpenAI's limit), ``voice`` (a name or blend,
-  parsed by the kind against its voices), ``response_format`` (:data:`workers.audio.FORMATS`),
+  parsed by the kind against its voices), ``response_format`` (:mod:`workers.speech_formats`),
   ``speed`` (0.25..4), ``stream`` (bool). Every check is repeated here although the route
   already made it: a worker must never trust its caller.
 - A whole answer is one encoded file; a streamed one is encoded sentence by sentence with
@@ -23,11 +23,13 @@ from typing import Any
 
 import numpy as np
 
+from workers import speech_formats
 from workers.audio import FORMATS, AudioStream, encode
 from workers.base import CallContext, invalid
+from workers.speech_formats import MAX_INPUT_CHARS, MAX_SPEED, MIN_SPEED
 
-MAX_INPUT_CHARS = 4096
-MIN_SPEED, MAX_SPEED = 0.25, 4.0
+#: The format of a call that names none (OpenAI's default; these kinds all encode it).
+DEFAULT_FORMAT = speech_formats.for_kind("kokoro").default
 #: Largest piece sent to the supervisor at once (the route joins or relays the pieces).
 MAX_EMIT_BYTES = 1024 * 1024
 
@@ -51,7 +53,7 @@ def parse_speech_args(args: Mapping[str, Any]) -> SpeechRequest:
     voice = args.get("voice")
     if voice is not None and not isinstance(voice, str):
         raise invalid("voice must be a string (a voice name or a blend like 'a(2)+b')")
-    fmt = args.get("response_format", "wav")
+    fmt = args.get("response_format", DEFAULT_FORMAT)
     if fmt not in FORMATS:
         raise invalid(f"response_format must be one of {', '.join(FORMATS)}; got {fmt!r:.40}")
     speed = args.get("speed", 1.0)

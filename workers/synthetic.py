@@ -84,7 +84,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from workers import recipe_options, synthetic_imports
+from workers import recipe_options, speech_formats, synthetic_imports
 from workers.base import (
     CallContext,
     LoadContext,
@@ -99,11 +99,11 @@ from workers.runtime import flush_from_thread, send_raw_from_thread
 from workers.voice_catalog import SYNTHETIC_VOICES
 
 VOICES: Mapping[str, float] = SYNTHETIC_VOICES
-FORMATS: tuple[str, ...] = ("wav", "pcm")
+FORMATS: tuple[str, ...] = speech_formats.for_kind("synthetic").formats
 SECONDS_PER_CHAR = 0.06
 MIN_SECONDS = 0.2
 MAX_SECONDS = 60.0
-MIN_SPEED, MAX_SPEED = 0.25, 4.0
+MIN_SPEED, MAX_SPEED = speech_formats.MIN_SPEED, speech_formats.MAX_SPEED
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8000, 48000
 MAX_CHUNKS = 1000
 _AMPLITUDE = 0.3 * 32767
@@ -506,7 +506,7 @@ def _speech_args(args: Mapping[str, Any]) -> tuple[str, float, str, float]:
         raise invalid("'voice' must be a string")
     if voice not in VOICES:
         raise invalid(f"unknown voice {voice!r:.60}; allowed voices: {', '.join(VOICES)}")
-    fmt = args.get("response_format", "wav")
+    fmt = args.get("response_format", speech_formats.for_kind("synthetic").default)
     if not isinstance(fmt, str):
         raise invalid("'response_format' must be a string")
     if fmt not in FORMATS:

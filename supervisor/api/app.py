@@ -46,9 +46,11 @@ MAX_BODY_BYTES = 1024 * 1024
 
 
 def error_response(status: int, message: str, *, type_: str, code: str,
-                   headers: dict[str, str] | None = None) -> web.Response:
+                   headers: dict[str, str] | None = None,
+                   param: str | None = None) -> web.Response:
+    """OpenAI's error body: ``param`` is required there, null when no one field is at fault."""
     return web.json_response(
-        {"error": {"message": message, "type": type_, "code": code}},
+        {"error": {"message": message, "type": type_, "param": param, "code": code}},
         status=status, headers=headers,
     )
 
@@ -64,7 +66,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             headers["Retry-After"] = retry_after
         if e.status == 401:
             headers["WWW-Authenticate"] = "Bearer"
-        return error_response(e.status, e.message, type_=e.type, code=e.code, headers=headers)
+        return error_response(e.status, e.message, type_=e.type, code=e.code, headers=headers,
+                              param=e.param)
     except ConnectionResetError:
         # The client hung up while its answer was being written: there is nobody left to
         # answer and nothing is broken. 499 ("client closed request") only reaches the log.

@@ -109,14 +109,15 @@ class Body:
         value = self.data.get(name)
         if value is None:
             if required:
-                raise BadRequest(f"'{name}' is required", code="missing_field")
+                raise BadRequest(f"'{name}' is required", code="missing_field", param=name)
             return default
         if not isinstance(value, str):
-            raise BadRequest(f"'{name}' must be a string, not {_json_type(value)}")
+            raise BadRequest(f"'{name}' must be a string, not {_json_type(value)}", param=name)
         if not allow_empty and not value.strip():
-            raise BadRequest(f"'{name}' must not be empty")
+            raise BadRequest(f"'{name}' must not be empty", param=name)
         if len(value) > max_len:
-            raise BadRequest(f"'{name}' is {len(value)} characters long; the limit is {max_len}")
+            raise BadRequest(f"'{name}' is {len(value)} characters long; the limit is {max_len}",
+                             param=name)
         return value
 
     def required_string(self, name: str, *, max_len: int = 256) -> str:
@@ -129,9 +130,10 @@ class Body:
         if value is None:
             return default
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise BadRequest(f"'{name}' must be a number, not {_json_type(value)}")
+            raise BadRequest(f"'{name}' must be a number, not {_json_type(value)}", param=name)
         if not math.isfinite(value) or not low <= value <= high:
-            raise BadRequest(f"'{name}' must be between {low:g} and {high:g}, got {value}")
+            raise BadRequest(f"'{name}' must be between {low:g} and {high:g}, got {value}",
+                             param=name)
         return float(value)
 
     def boolean(self, name: str, *, default: bool) -> bool:
@@ -139,7 +141,8 @@ class Body:
         if value is None:
             return default
         if not isinstance(value, bool):
-            raise BadRequest(f"'{name}' must be true or false, not {_json_type(value)}")
+            raise BadRequest(f"'{name}' must be true or false, not {_json_type(value)}",
+                             param=name)
         return value
 
     def choice(self, name: str, allowed: Sequence[str], *, default: str) -> str:
@@ -147,7 +150,7 @@ class Body:
         assert value is not None
         if value not in allowed:
             raise BadRequest(
-                f"'{name}' must be one of {', '.join(allowed)}; got '{value[:64]}'"
+                f"'{name}' must be one of {', '.join(allowed)}; got '{value[:64]}'", param=name
             )
         return value
 
@@ -156,7 +159,7 @@ class Body:
         if value is not None and not MODEL_NAME_RE.match(value):
             raise BadRequest(
                 f"'{name}' must be a model name (letters, digits and . _ : - only, "
-                f"at most 128 characters)"
+                f"at most 128 characters)", param=name
             )
         return value
 
@@ -167,11 +170,12 @@ class Body:
             if value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, int | float | str):
-                raise BadRequest(f"'{name}' must be seconds or a duration like \"5m\"")
+                raise BadRequest(f"'{name}' must be seconds or a duration like \"5m\"",
+                                 param=name)
             try:
                 return parse_keep_alive(value, where=name)
             except ValueError as e:
-                raise BadRequest(str(e)) from None
+                raise BadRequest(str(e), param=name) from None
         return None
 
     def idle_timeout(self, name: str, *, required: bool) -> float | None:
@@ -180,11 +184,12 @@ class Body:
         if value is None:
             if required:
                 raise BadRequest(f"'{name}' is required (seconds, a duration like \"5m\", "
-                                 f"or 0 for never)", code="missing_field")
+                                 f"or 0 for never)", code="missing_field", param=name)
             return None
         if isinstance(value, bool) or not isinstance(value, int | float | str):
-            raise BadRequest(f"'{name}' must be seconds or a duration like \"5m\"")
+            raise BadRequest(f"'{name}' must be seconds or a duration like \"5m\"",
+                             param=name)
         try:
             return parse_duration(value, where=name)
         except ValueError as e:
-            raise BadRequest(str(e)) from None
+            raise BadRequest(str(e), param=name) from None

@@ -42,7 +42,14 @@ def _sse(data: Any) -> bytes:
 
 
 class _Shape:
-    """Builds the JSON objects of one chat or text completion."""
+    """Builds the JSON objects of one chat or text completion, as OpenAI's schemas have them.
+
+    ``system_fingerprint`` is left out (the schemas type it as a string, never null); a chat
+    message carries ``refusal: null`` (required, nullable); ``usage`` appears on a chat chunk
+    only when ``stream_options.include_usage`` asked for it (null until the extra last
+    chunk, as the chat chunk schema allows), and never on a text-completion chunk, whose
+    schema has no null ``usage``: there it is only in the extra last chunk.
+    """
 
     def __init__(self, chat: bool, model: str) -> None:
         self.chat = chat
@@ -51,13 +58,14 @@ class _Shape:
         self.created = int(time.time())
 
     def _base(self, obj: str) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
-                "system_fingerprint": None}
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
     def whole(self, text: str, finish: str, usage: dict[str, int]) -> dict[str, Any]:
         if self.chat:
             out = self._base("chat.completion")
-            out["choices"] = [{"index": 0, "message": {"role": "assistant", "content": text},
+            out["choices"] = [{"index": 0,
+                               "message": {"role": "assistant", "content": text,
+                                           "refusal": None},
                                "logprobs": None, "finish_reason": finish}]
         else:
             out = self._base("text_completion")
@@ -80,7 +88,7 @@ class _Shape:
         else:
             out["choices"] = [{"index": 0, "text": text or "", "logprobs": None,
                                "finish_reason": finish}]
-        if usage:
+        if usage and self.chat:
             out["usage"] = None
         return out
 
@@ -134,7 +142,8 @@ async def _sse_frames(job: Inference, shape: _Shape,
 
 
 def _sse_error(e: LemonadeError) -> bytes:
-    return _sse({"error": {"message": e.message, "type": e.type, "code": e.code}})
+    return _sse({"error": {"message": e.message, "type": e.type, "param": e.param,
+                           "code": e.code}})
 
 
 @routes.post("/v1/chat/completions")

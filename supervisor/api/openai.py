@@ -1,16 +1,22 @@
-"""OpenAI-compatible routes: ``GET /v1/models`` and ``POST /v1/audio/speech``.
+"""OpenAI-compatible routes: ``GET /v1/models`` (and one model), ``POST /v1/audio/speech``,
+``GET /v1/audio/voices``.
 
 A request names a model; the manager hands back a lease on a ready worker (loading it if
 needed, joining a load in progress, or waiting for a stop to finish), and the handler relays
 the worker's chunks to the client. Errors before the first byte become proper HTTP errors;
 a failure after streaming began ends the connection without the final chunk, so the client
-sees a truncated transfer rather than a short file that looks complete.
+sees a truncated transfer rather than a short file that looks complete (with OpenAI's
+``stream_format: "sse"`` an error event says so instead).
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import json
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,24 +25,21 @@ from aiohttp import web
 from supervisor.api import schemas
 from supervisor.api.keys import MANAGER, STARTED_AT
 from supervisor.errors import BadRequest, LemonadeError, WorkerFailed
-from supervisor.lifecycle import State
+from supervisor.lifecycle import Slot, State
 from supervisor.manager import Manager
-from workers.voice_catalog import static_voices
+from workers import speech_formats, voice_aliases
+from workers.voice_catalog import Voices, static_voices
 
 log = logging.getLogger(__name__)
 
 routes = web.RouteTableDef()
 
-#: OpenAI's own limit for /v1/audio/speech.
-MAX_SPEECH_INPUT_CHARS = 4096
-AUDIO_CONTENT_TYPES = {
-    "wav": "audio/wav",
-    "pcm": "audio/pcm",
-    "flac": "audio/flac",
-    "mp3": "audio/mpeg",
-    "opus": "audio/ogg",
-    "aac": "audio/aac",
-}
+#: OpenAI's own limit for /v1/audio/speech (workers.speech_formats: the kinds check the same).
+MAX_SPEECH_INPUT_CHARS = speech_formats.MAX_INPUT_CHARS
+#: Every format some speech kind can produce, and its Content-Type. Which of them a model
+#: can produce depends on its kind; a format outside this table (OpenAI's aac) none can.
+AUDIO_CONTENT_TYPES = {fmt: speech_formats.CONTENT_TYPES[fmt]
+                       for fmt in speech_formats.ALL_FORMATS}
 
 _VOICES_PARAMETERS = [{
     "name": "model", "in": "query",
@@ -69,81 +72,134 @@ OPENAPI_PATHS: dict[str, dict[str, Any]] = {
 }
 
 
+def _model_object(slot: Slot, created: int) -> dict[str, Any]:
+    """OpenAI's Model object (id, object, created, owned_by), plus what this server knows."""
+    return {
+        "id": slot.name,
+        "object": "model",
+        "created": created,
+        "owned_by": "lemonade",
+        "type": slot.recipe.type,
+        "recipe": slot.recipe.kind,
+        "state": slot.state.value,
+    }
+
+
 @routes.get("/v1/models")
 async def list_models(request: web.Request) -> web.Response:
     manager = request.app[MANAGER]
     created = int(request.app[STARTED_AT])
-    data = [
-        {
-            "id": slot.name,
-            "object": "model",
-            "created": created,
-            "owned_by": "lemonade",
-            "type": slot.recipe.type,
-            "recipe": slot.recipe.kind,
-            "state": slot.state.value,
-        }
-        for slot in manager.slots.values()
-    ]
+    data = [_model_object(slot, created) for slot in manager.slots.values()]
     return web.json_response({"object": "list", "data": data})
+
+
+@routes.get("/v1/models/{model}")
+async def retrieve_model(request: web.Request) -> web.Response:
+    """One configured model (``client.models.retrieve``); an unknown name is a 404."""
+    slot = request.app[MANAGER].slot(request.match_info["model"])
+    return web.json_response(_model_object(slot, int(request.app[STARTED_AT])))
 
 
 @routes.post("/v1/audio/speech")
 async def speech(request: web.Request) -> web.StreamResponse:
+    """Text to speech: the whole file, a chunked byte stream (``stream: true``), or OpenAI's
+    server-sent events (``stream_format: "sse"``: ``speech.audio.delta`` events carrying
+    base64 audio, then one ``speech.audio.done`` with the usage).
+
+    Everything is checked before the model is loaded, the format against what this model's
+    kind can produce (:mod:`workers.speech_formats`); an OpenAI voice name is mapped onto
+    the model's voices (:mod:`workers.voice_aliases`).
+    """
     manager = request.app[MANAGER]
     body = await schemas.read_valid_body(request, "SpeechRequest")
     model = body.model_name("model")
     assert model is not None
     text = body.required_string("input", max_len=MAX_SPEECH_INPUT_CHARS)
-    args = {
-        "input": text,
-        "voice": body.string("voice", max_len=256),
-        "response_format": body.choice(
-            "response_format", tuple(AUDIO_CONTENT_TYPES), default="wav"
-        ),
-        "speed": body.number("speed", default=1.0, low=0.25, high=4.0),
-    }
-    if args["voice"] is None:
-        del args["voice"]  # the model's default voice
+    voice = body.string("voice", max_len=256)
+    fmt = body.string("response_format", max_len=64)  # checked against the model's kind
+    speed = body.number("speed", default=1.0, low=speech_formats.MIN_SPEED,
+                        high=speech_formats.MAX_SPEED)
+    sse = body.choice("stream_format", speech_formats.STREAM_FORMATS, default="audio") == "sse"
     stream_audio = body.boolean("stream", default=False)
-    # The worker needs to know: a whole file carries its length in the header, a stream
-    # cannot, and some formats can only be produced whole.
-    args["stream"] = stream_audio
     keep_alive = body.keep_alive()
     require_model_type(manager, model, "tts", request.path)
-    content_type = AUDIO_CONTENT_TYPES[str(args["response_format"])]
+    recipe = manager.slot(model).recipe
+    formats = speech_formats.for_kind(recipe.kind)
+    fmt = formats.default if fmt is None else fmt
+    problem = formats.problem(fmt, recipe.kind)
+    if problem is not None:
+        raise BadRequest(problem, code="unsupported_response_format", param="response_format")
+    # The worker needs to know whether it streams: a whole file carries its length in the
+    # header, a stream cannot, and some formats can only be produced whole.
+    args: dict[str, Any] = {"input": text, "response_format": fmt, "speed": speed,
+                            "stream": stream_audio or sse}
+    if voice is not None:  # else the model's default voice
+        args["voice"] = _voice_for(manager, recipe.kind, recipe.options, voice)
+    content_type = AUDIO_CONTENT_TYPES[fmt]
     started = time.monotonic()
     async with manager.use(model, keep_alive_s=keep_alive) as lease:
         call = lease.channel.call("speech", args, timeout_s=manager.settings.call_timeout_s)
         async with call:
-            if not stream_audio:
+            if not args["stream"]:
                 audio = b"".join([_audio_bytes(c, model) async for c in call])
                 log.debug("speech from %s: %d bytes in %.3fs", model, len(audio),
                           time.monotonic() - started)
                 return web.Response(body=audio, content_type=content_type,
                                     headers={"X-Lemonade-Worker-Pid": str(lease.pid)})
             first = await anext(call, None)  # errors here are still clean HTTP errors
-            response = web.StreamResponse(headers={
-                "Content-Type": content_type,
-                "X-Accel-Buffering": "no",
-                "X-Lemonade-Worker-Pid": str(lease.pid),
-            })
-            response.enable_chunked_encoding()
+            headers = {"X-Accel-Buffering": "no", "X-Lemonade-Worker-Pid": str(lease.pid)}
+            if sse:
+                headers.update({"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            else:
+                headers["Content-Type"] = content_type
+            response = web.StreamResponse(headers=headers)
+            if not sse:
+                response.enable_chunked_encoding()
             await response.prepare(request)
             try:
                 if first is not None:
-                    await response.write(_audio_bytes(first, model))
+                    await response.write(_speech_piece(_audio_bytes(first, model), sse))
                 async for chunk in call:
-                    await response.write(_audio_bytes(chunk, model))
+                    await response.write(_speech_piece(_audio_bytes(chunk, model), sse))
             except LemonadeError as e:
                 log.warning("speech stream from %s broke after it started: %s", model, e.message)
+                if sse:  # an event can say so; the stream ends without speech.audio.done
+                    with contextlib.suppress(ConnectionResetError):
+                        await response.write(_sse_event({"type": "error", "error": {
+                            "message": e.message, "type": e.type, "param": e.param,
+                            "code": e.code}}))
+                        await response.write_eof()
+                    return response
                 # Drop the connection without the terminating chunk: the client must not take
                 # a truncated file for a complete one.
                 if request.transport is not None:
                     request.transport.close()
                 return response
+            if sse:
+                # No tokenizer for speech here: the input is counted in characters.
+                await response.write(_sse_event({"type": "speech.audio.done", "usage": {
+                    "input_tokens": len(text), "output_tokens": 0, "total_tokens": len(text)}}))
             await response.write_eof()
             return response
+
+
+def _voice_for(manager: Manager, kind: str, options: Mapping[str, Any], voice: str) -> str:
+    """``voice``, or the model's voice an alias (``alloy``, a recipe's own) stands for."""
+    if not voice_aliases.is_alias(kind, options, voice):
+        return voice
+    known = static_voices(kind, options, Path(manager.settings.data_dir))
+    return voice_aliases.resolve(kind, options, voice, known)
+
+
+def _sse_event(data: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(data).encode() + b"\n\n"
+
+
+def _speech_piece(audio: bytes, sse: bool) -> bytes:
+    if not sse:
+        return audio
+    return _sse_event({"type": "speech.audio.delta",
+                       "audio": base64.b64encode(audio).decode("ascii")})
 
 
 @routes.get("/v1/audio/voices")
@@ -164,7 +220,7 @@ async def voices(request: web.Request) -> web.Response:
         known = static_voices(slot.recipe.kind, slot.recipe.options,
                               Path(manager.settings.data_dir))
         if known is not None:
-            return _voices_response(model, known.names, known.default, loaded=False)
+            return _voices_response(slot, known, loaded=False)
     async with manager.use(model) as lease:
         call = lease.channel.call("voices", {}, timeout_s=manager.settings.call_timeout_s)
         async with call:
@@ -174,17 +230,20 @@ async def voices(request: web.Request) -> web.Response:
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise WorkerFailed(f"worker for '{model}' sent a malformed voice list")
     default = result.get("default")
-    return _voices_response(model, names, default if isinstance(default, str) else None,
+    return _voices_response(slot, Voices(names, default if isinstance(default, str) else None),
                             loaded=True)
 
 
-def _voices_response(model: str, names: list[str], default: str | None, *,
-                     loaded: bool) -> web.Response:
+def _voices_response(slot: Slot, known: Voices, *, loaded: bool) -> web.Response:
+    """The voices, and ``aliases``: each name a request may also use (OpenAI's ``alloy``, ...,
+    and the recipe's ``voice_aliases``) with the voice it stands for on this model."""
+    names = known.names
     return web.json_response({
-        "model": model,
+        "model": slot.name,
         "voices": names,
-        "default": default,
+        "default": known.default,
         "loaded": loaded,
+        "aliases": voice_aliases.table(slot.recipe.kind, slot.recipe.options, known),
         "data": [{"id": name, "name": name, "object": "voice"} for name in names],
     })
 
@@ -207,7 +266,7 @@ def require_model_type(manager: Manager, model: str, model_type: str, route: str
         raise BadRequest(
             f"model '{model}' is {_a(slot.recipe.type)} model; "
             f"{route} needs {_a(model_type)} model",
-            code="model_not_supported",
+            code="model_not_supported", param="model",
         )
 
 

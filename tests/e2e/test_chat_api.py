@@ -259,6 +259,7 @@ def test_worker_dying_mid_stream_ends_it_with_an_error_event(server: Server) -> 
     assert events[-1] != "[DONE]"
     error = json.loads(events[-1])["error"]
     assert error["message"] and error["type"] == "server_error"
+    assert "param" in error and error["param"] is None  # OpenAI's error: required, nullable
     wait_for(lambda: server.model("smol")["state"] == "unloaded", 10, what="smol unloaded")
     assert server.model("smol")["last_eviction"]["reason"] == "crash"
 
