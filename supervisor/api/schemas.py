@@ -751,9 +751,7 @@ def check(name: str, data: Any) -> None:
     first = next((e for e in errors_ if e.validator in ("required", "additionalProperties")),
                  errors_[0])
     message, field, code = _describe(first)
-    error = BadRequest(message, code=code)
-    error.param = field  # type: ignore[attr-defined]  # OpenAI's error.param, where supported
-    raise error
+    raise BadRequest(message, code=code, param=field)  # param: OpenAI's error.param
 
 
 def check_form(name: str, fields: Mapping[str, str], lists: Mapping[str, list[str]],
