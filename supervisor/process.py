@@ -304,6 +304,8 @@ class ProcessHandle(Protocol):
     @property
     def returncode(self) -> int | None: ...
 
+    def kill(self) -> None: ...
+
     async def wait(self) -> int: ...
 
 
@@ -385,4 +387,10 @@ def signal_group(pid: int, sig: signal.Signals) -> None:
 
 async def kill_group_and_reap(proc: ProcessHandle) -> int:
     signal_group(proc.pid, signal.SIGKILL)
+    # The process itself too: a worker just forked by a zygote may not have called setsid()
+    # yet, so its group does not exist and killpg misses it. Left alive, it would connect,
+    # wait for a load that never comes, and this reap would never end (found by the
+    # liveness soak). ``kill()`` names exactly this process (a pidfd for a forked one).
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        proc.kill()
     return await proc.wait()

@@ -92,6 +92,11 @@ class ForkedProcess:
         self._exited.set_result(code)
         self._zygote._child_finished(self)
 
+    def kill(self) -> None:
+        """SIGKILL exactly this process, through its pidfd (no pid reuse can misdirect it)."""
+        if self._pidfd is not None and not self._exited.done():
+            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+
     def zygote_died(self) -> None:
         """Its zygote is gone, so it dies too (parent-death signal); wait for the pidfd."""
         if self._pidfd is None:
