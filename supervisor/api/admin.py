@@ -29,13 +29,18 @@ routes = web.RouteTableDef()
 
 _TEXT = {"schema": {"type": "string"}}
 
+_health = schemas.operation("Loaded models, and whether anything is stuck (Lemonade)",
+                            ok=schemas.json_response("LemonadeHealth"))
+_health["responses"]["503"] = schemas.json_response(
+    "LemonadeHealth", "unhealthy: a load without progress, a stop past every deadline, or "
+                      "the heartbeat gone (the problems say which)")
+
 #: This module's routes for GET /openapi.json (see supervisor/api/openapi.py); the request
 #: schemas are the ones the handlers check bodies with (supervisor/api/schemas.py).
 OPENAPI_PATHS: dict[str, dict[str, Any]] = {
     "/health": {"get": schemas.operation("Liveness (no API key needed)",
                                          ok=schemas.json_response("Health"))},
-    "/api/v1/health": {"get": schemas.operation("Loaded models (Lemonade)",
-                                                ok=schemas.json_response("LemonadeHealth"))},
+    "/api/v1/health": {"get": _health},
     "/api/v1/status": {"get": schemas.operation(
         "Every model: state, pid, memory, idle timeout", ok=schemas.json_response("Status"))},
     "/api/v1/load": {"post": schemas.operation(
@@ -52,7 +57,8 @@ OPENAPI_PATHS: dict[str, dict[str, Any]] = {
         error_statuses=(*schemas.BODY_ROUTE, "404"))},
     "/api/v1/events": {"get": schemas.operation(
         "Lifecycle events (server-sent events)",
-        ok={"description": "an endless event stream", "content": {"text/event-stream": _TEXT}})},
+        ok={"description": "an endless event stream",
+            "content": {"text/event-stream": schemas.sse_events()}})},
     "/api/ps": {"get": schemas.operation("Resident models (Ollama)",
                                          ok=schemas.json_response("RunningModels"))},
     "/metrics": {"get": schemas.operation(

@@ -161,7 +161,7 @@ def _generation_ok(whole: str, chunk: str) -> dict[str, Any]:
                            f"`data: <{chunk}>` and a last `data: [DONE]`",
             "headers": schemas.WORKER_PID_HEADER,
             "content": {"application/json": {"schema": schemas.ref(whole)},
-                        "text/event-stream": {"schema": {"type": "string"}}}}
+                        "text/event-stream": schemas.sse_events(chunk)}}
 
 
 #: This module's routes for GET /openapi.json; bodies are checked against these schemas.

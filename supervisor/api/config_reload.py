@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from supervisor import reload
-from supervisor.api.body import parse_json_object
+from supervisor.api import schemas
 from supervisor.api.keys import MANAGER, RELOADER
 from supervisor.config import Settings
 from supervisor.config_values import ConfigError
@@ -61,7 +61,7 @@ def reload_now(manager: Manager, reloader: Callable[[], Settings]) -> dict[str, 
 
 @routes.post("/api/v1/reload")
 async def reload_config(request: web.Request) -> web.Response:
-    body = parse_json_object(await request.read(), allow_empty=True)
+    body = (await schemas.read_valid_body(request, "EmptyRequest", allow_empty=True)).data
     if body:
         raise BadRequest(f"/api/v1/reload takes no fields; got {', '.join(sorted(body))}")
     # Reading the files and applying them happen in one step on the loop (no await between),

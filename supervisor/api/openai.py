@@ -60,10 +60,13 @@ OPENAPI_PATHS: dict[str, dict[str, Any]] = {
                      "schema": schemas.model_name("*")}])},
     "/v1/audio/speech": {"post": schemas.operation(
         "Text to speech (OpenAI)", request="SpeechRequest",
-        ok={"description": "the audio, whole or streamed (chunked)",
+        ok={"description": "the audio, whole or streamed (chunked); with stream_format: sse, "
+                           "server-sent events (speech.audio.delta with base64 audio, then "
+                           "speech.audio.done)",
             "headers": schemas.WORKER_PID_HEADER,
-            "content": {media: {"schema": {"type": "string", "format": "binary"}}
-                        for media in dict.fromkeys(AUDIO_CONTENT_TYPES.values())}},
+            "content": {**{media: {"schema": {"type": "string", "format": "binary"}}
+                           for media in dict.fromkeys(AUDIO_CONTENT_TYPES.values())},
+                        "text/event-stream": schemas.sse_events()}},
         error_statuses=schemas.MODEL_ROUTE)},
     "/v1/audio/voices": {"get": schemas.operation(
         "The voices of a speech model (without loading it where the files tell)",

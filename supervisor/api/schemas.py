@@ -146,6 +146,7 @@ EMPTY_OBJECT: Schema = {"type": "object", "additionalProperties": False,
 def _requests() -> dict[str, Schema]:
     # Imported here, not at the top: the route modules import this one.
     from supervisor.api import compat, embeddings, openai, transcriptions
+    from workers import speech_formats
 
     try:  # where the generation limits live (shared by the OpenAI and Ollama routes)
         from supervisor.api import generation_args as chat
@@ -272,10 +273,16 @@ def _requests() -> dict[str, Schema]:
             "input": text(openai.MAX_SPEECH_INPUT_CHARS),
             "voice": nullable(text(256) | {"description": "a voice of the model (see "
                                                           "GET /v1/audio/voices)"}),
+            # Every format OpenAI names; which ones a model can produce goes by its kind (a
+            # 400 naming them, before any load); the document lists those (specialize).
             "response_format": {"type": "string", "nullable": True,
-                                "enum": [*openai.AUDIO_CONTENT_TYPES, None]},
-            "speed": nullable(number(0.25, 4.0)),
+                                "enum": [*speech_formats.OPENAI_FORMATS, None]},
+            "speed": nullable(number(speech_formats.MIN_SPEED, speech_formats.MAX_SPEED)),
             "stream": nullable({"type": "boolean"}),
+            "stream_format": {"type": "string", "nullable": True,
+                              "enum": [*speech_formats.STREAM_FORMATS, None],
+                              "description": "audio: the bytes (chunked with stream: true); "
+                                             "sse: server-sent events with base64 audio"},
             **common,
         }, required=["model", "input"]),
         "TranscriptionRequest": _object({
@@ -348,7 +355,7 @@ def _responses() -> dict[str, Schema]:
             "type": {"type": "string"},
             "code": _NULLABLE_STRING,
             "param": _NULLABLE_STRING,
-        }, required=["message", "type", "code"])}, required=["error"],
+        }, required=["message", "type", "param", "code"])}, required=["error"],
             description="OpenAI's error shape"),
         "OllamaError": _object({"error": {"type": "string"}}, required=["error"],
                                description="Ollama's error shape"),
@@ -384,7 +391,7 @@ def _responses() -> dict[str, Schema]:
                 "logprobs": {"type": "object", "nullable": True},
                 "finish_reason": nullable(_FINISH),
             }, required=["index", "delta", "finish_reason"])},
-            "usage": _USAGE,
+            "usage": nullable(_USAGE),
         }, required=base_required, description="one `data:` event of a streamed chat"),
         "Completion": _object({
             **completion_base("text_completion"),
@@ -439,7 +446,10 @@ def _responses() -> dict[str, Schema]:
         }, required=["model", "voices", "default", "loaded", "data"]),
         "Health": _object({"status": {"type": "string", "enum": ["ok"]}}, required=["status"]),
         "LemonadeHealth": _object({
-            "status": {"type": "string"}, "version": {"type": "string"},
+            "status": {"type": "string", "enum": ["ok", "unhealthy"]},
+            "version": {"type": "string"},
+            "problems": {"type": "array", "items": {"type": "string"},
+                         "description": "why it is unhealthy (503)"},
             "model_loaded": _NULLABLE_STRING,
             "all_models_loaded": {"type": "array", "items": _object({
                 "model_name": {"type": "string"}, "type": {"type": "string"},
@@ -576,6 +586,17 @@ def json_response(schema_name: str, description: str = "success",
     if headers:
         response["headers"] = dict(headers)
     return response
+
+
+def sse_events(data: str | None = None) -> dict[str, Any]:
+    """A ``text/event-stream`` media type: OpenAPI 3.0 has its schema describe one event
+    (``data``, ``event``, ``id``); ``data`` is the JSON of component ``data`` where named."""
+    data_schema: Schema = {"type": "string"}
+    if data is not None:
+        data_schema["description"] = f"JSON: #/components/schemas/{data} (or [DONE] at the end)"
+        data_schema["x-lemonade-json"] = ref(data)
+    return {"schema": _object({"data": data_schema, "event": {"type": "string"},
+                               "id": {"type": "string"}}, required=["data"])}
 
 
 WORKER_PID_HEADER = {"X-Lemonade-Worker-Pid": {
@@ -819,32 +840,35 @@ def _configured(manager: Manager, model_type: str) -> list[str]:
 
 
 def _tts_voices(manager: Manager) -> list[str] | None:
-    """Every voice name the configured speech models are known to have, or None when some
-    model's voices are open-ended (a blend syntax) or known only once it is loaded."""
+    """Every voice name (aliases such as ``alloy`` included) the configured speech models
+    are known to take, or None when some model's voices are open-ended (the Kokoro kinds take
+    blends, "a(2)+b") or known only once it is loaded (a plugin)."""
+    from workers import voice_aliases
     from workers.voice_catalog import static_voices
 
     names: set[str] = set()
     for slot in manager.slots.values():
-        if slot.recipe.type != "tts":
+        recipe = slot.recipe
+        if recipe.type != "tts":
             continue
-        if slot.recipe.kind != "synthetic":  # the real kinds take blends ("a(2)+b")
+        if recipe.kind != "synthetic":
             return None
-        known = static_voices(slot.recipe.kind, slot.recipe.options,
-                              Path(manager.settings.data_dir))
+        known = static_voices(recipe.kind, recipe.options, Path(manager.settings.data_dir))
         if known is None:
             return None
         names.update(known.names)
+        names.update(voice_aliases.table(recipe.kind, recipe.options, known))
     return sorted(names) or None
 
 
 def _tts_formats(manager: Manager) -> list[str] | None:
-    """The audio formats every configured speech model can produce, where known."""
-    kinds = {s.recipe.kind for s in manager.slots.values() if s.recipe.type == "tts"}
-    if not kinds or kinds - {"synthetic"}:
-        return None
-    from workers.synthetic import FORMATS as SYNTHETIC_FORMATS
+    """The audio formats the configured speech models can produce (each model only its
+    kind's: a format only another kind produces is still that model's 400)."""
+    from workers import speech_formats
 
-    return list(SYNTHETIC_FORMATS)
+    kinds = {s.recipe.kind for s in manager.slots.values() if s.recipe.type == "tts"}
+    produced = {f for kind in kinds for f in speech_formats.for_kind(kind).formats}
+    return [f for f in speech_formats.OPENAI_FORMATS if f in produced] or None
 
 
 def specialize(document: dict[str, Any], manager: Manager) -> None:
