@@ -26,27 +26,25 @@ log = logging.getLogger(__name__)
 
 routes = web.RouteTableDef()
 
-_REPORT = {"type": "object", "properties": {
-    key: {"type": "array", "items": {"type": "string"}}
-    for key in ("added", "removed", "changed", "reload_when_idle", "server_settings_applied",
-                "restart_needed")
-} | {"config": {"type": "string", "nullable": True}},
-    "required": ["added", "removed", "changed", "restart_needed"]}
-OPENAPI_PATHS: dict[str, dict[str, Any]] = {
-    "/api/v1/reload": {"post": {
-        "summary": "Re-read the config files and apply the difference without a restart",
-        "requestBody": {"required": False, "content": {"application/json": {"schema": {
-            "type": "object", "additionalProperties": False, "properties": {}}}}},
-        "responses": {
-            "200": {"description": "what changed",
-                    "content": {"application/json": {"schema": _REPORT}}},
-            "400": {"$ref": "#/components/responses/BadRequest"},
-            "401": {"$ref": "#/components/responses/Unauthorized"},
-            "403": {"$ref": "#/components/responses/Forbidden"},
-            "413": {"$ref": "#/components/responses/PayloadTooLarge"},
-        },
-    }},
+_REPORT = schemas.json_response("ReloadReport", "what changed")
+_REPORT["content"]["application/json"]["schema"] = {
+    "type": "object",
+    "properties": {
+        **{key: {"type": "array", "items": {"type": "string"}}
+           for key in ("added", "removed", "changed", "reload_when_idle",
+                       "server_settings_applied", "restart_needed")},
+        "config": {"type": "string", "nullable": True},
+    },
+    "required": ["added", "removed", "changed", "reload_when_idle",
+                 "server_settings_applied", "restart_needed"],
 }
+OPENAPI_PATHS: dict[str, dict[str, Any]] = {
+    "/api/v1/reload": {"post": schemas.operation(
+        "Re-read the config files and apply the difference without a restart",
+        request="EmptyRequest", request_required=False, ok=_REPORT,
+        error_statuses=schemas.BODY_ROUTE)},
+}
+
 
 def reload_now(manager: Manager, reloader: Callable[[], Settings]) -> dict[str, Any]:
     """Read and apply; ``BadRequest`` (naming file and key) when the new config is invalid."""
