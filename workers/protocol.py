@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, NoReturn
 
 import msgpack
@@ -143,16 +143,24 @@ def _check_depth(value: Any, depth: int = 0) -> None:
 
 @dataclass(frozen=True)
 class Message:
-    """Base class: every message knows its wire type ``t`` and its exact keys."""
+    """Base class: every message knows its wire type ``t``; its wire keys are ``t`` and its
+    fields (``KEYS``, derived once per class below), so a field cannot be added to a message
+    without reaching the wire and the decoder's exact-keys check."""
 
     T: ClassVar[str] = ""
     KEYS: ClassVar[frozenset[str]] = frozenset()
     #: Keys a sender may leave out (added to a message after its first version): an older
-    #: peer that does not send them is still understood.
+    #: peer that does not send them is still understood. Left out when None.
     OPTIONAL_KEYS: ClassVar[frozenset[str]] = frozenset()
 
     def to_wire(self) -> dict[str, Any]:
-        raise NotImplementedError
+        wire: dict[str, Any] = {"t": self.T}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None and f.name in self.OPTIONAL_KEYS:
+                continue
+            wire[f.name] = dict(value) if isinstance(value, dict) else value
+        return wire
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> Message:
@@ -164,13 +172,9 @@ class Hello(Message):
     """worker -> supervisor, first frame: who I am."""
 
     T: ClassVar[str] = "hello"
-    KEYS: ClassVar[frozenset[str]] = frozenset({"t", "v", "pid", "kind"})
     v: int
     pid: int
     kind: str
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"t": self.T, "v": self.v, "pid": self.pid, "kind": self.kind}
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> Hello:
@@ -184,22 +188,11 @@ class Load(Message):
     """supervisor -> worker: load this model."""
 
     T: ClassVar[str] = "load"
-    KEYS: ClassVar[frozenset[str]] = frozenset({"t", "id", "name", "type", "device", "options"})
     id: int
     name: str
     type: str
     device: str
     options: dict[str, Any] = field(default_factory=dict)
-
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "t": self.T,
-            "id": self.id,
-            "name": self.name,
-            "type": self.type,
-            "device": self.device,
-            "options": dict(self.options),
-        }
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> Load:
@@ -223,23 +216,12 @@ class Progress(Message):
     """
 
     T: ClassVar[str] = "progress"
-    KEYS: ClassVar[frozenset[str]] = frozenset(
-        {"t", "id", "fraction", "message", "done_bytes", "total_bytes"})
     OPTIONAL_KEYS: ClassVar[frozenset[str]] = frozenset({"done_bytes", "total_bytes"})
     id: int
     fraction: float | None = None
     message: str = ""
     done_bytes: int | None = None
     total_bytes: int | None = None
-
-    def to_wire(self) -> dict[str, Any]:
-        wire: dict[str, Any] = {"t": self.T, "id": self.id, "fraction": self.fraction,
-                                "message": self.message}
-        if self.done_bytes is not None:
-            wire["done_bytes"] = self.done_bytes
-        if self.total_bytes is not None:
-            wire["total_bytes"] = self.total_bytes
-        return wire
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> Progress:
@@ -268,20 +250,10 @@ class Loaded(Message):
     """worker -> supervisor: the model is ready on ``device``; memory measured after load."""
 
     T: ClassVar[str] = "loaded"
-    KEYS: ClassVar[frozenset[str]] = frozenset({"t", "id", "device", "memory", "info"})
     id: int
     device: str
     memory: dict[str, int]
     info: dict[str, Any] = field(default_factory=dict)
-
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "t": self.T,
-            "id": self.id,
-            "device": self.device,
-            "memory": dict(self.memory),
-            "info": dict(self.info),
-        }
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> Loaded:
@@ -298,13 +270,9 @@ class Call(Message):
     """supervisor -> worker: run ``op`` with ``args``; answered by chunks then end or error."""
 
     T: ClassVar[str] = "call"
-    KEYS: ClassVar[frozenset[str]] = frozenset({"t", "id", "op", "args"})
     id: int
     op: str
     args: dict[str, Any] = field(default_factory=dict)
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"t": self.T, "id": self.id, "op": self.op, "args": dict(self.args)}
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> Call:
@@ -320,13 +288,9 @@ class Chunk(Message):
     """worker -> supervisor: one piece of a streamed answer; ``seq`` counts from 0."""
 
     T: ClassVar[str] = "chunk"
-    KEYS: ClassVar[frozenset[str]] = frozenset({"t", "id", "seq", "data"})
     id: int
     seq: int
     data: Any
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"t": self.T, "id": self.id, "seq": self.seq, "data": self.data}
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> Chunk:
@@ -340,12 +304,8 @@ class End(Message):
     """worker -> supervisor: the call finished; ``result`` is its (small) final value."""
 
     T: ClassVar[str] = "end"
-    KEYS: ClassVar[frozenset[str]] = frozenset({"t", "id", "result"})
     id: int
     result: Any = None
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"t": self.T, "id": self.id, "result": self.result}
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> End:
@@ -357,13 +317,9 @@ class Error(Message):
     """worker -> supervisor: a load or call failed (the worker itself stays up)."""
 
     T: ClassVar[str] = "error"
-    KEYS: ClassVar[frozenset[str]] = frozenset({"t", "id", "code", "message"})
     id: int
     code: str
     message: str
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"t": self.T, "id": self.id, "code": self.code, "message": self.message}
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> Error:
@@ -384,11 +340,7 @@ class Cancel(Message):
     """supervisor -> worker: the client went away; stop call ``id``."""
 
     T: ClassVar[str] = "cancel"
-    KEYS: ClassVar[frozenset[str]] = frozenset({"t", "id"})
     id: int
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"t": self.T, "id": self.id}
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> Cancel:
@@ -400,11 +352,7 @@ class Ping(Message):
     """supervisor -> worker: heartbeat; the answer carries fresh memory figures."""
 
     T: ClassVar[str] = "ping"
-    KEYS: ClassVar[frozenset[str]] = frozenset({"t", "id"})
     id: int
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"t": self.T, "id": self.id}
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> Ping:
@@ -416,12 +364,8 @@ class Pong(Message):
     """worker -> supervisor: answer to ``ping``."""
 
     T: ClassVar[str] = "pong"
-    KEYS: ClassVar[frozenset[str]] = frozenset({"t", "id", "memory"})
     id: int
     memory: dict[str, int]
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"t": self.T, "id": self.id, "memory": dict(self.memory)}
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> Pong:
@@ -433,15 +377,15 @@ class Shutdown(Message):
     """supervisor -> worker: exit 0 now."""
 
     T: ClassVar[str] = "shutdown"
-    KEYS: ClassVar[frozenset[str]] = frozenset({"t"})
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"t": self.T}
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> Shutdown:
         return cls()
 
+
+for _message in (Hello, Load, Progress, Loaded, Call, Chunk, End, Error, Cancel, Ping, Pong,
+                 Shutdown):
+    _message.KEYS = frozenset({"t", *(f.name for f in fields(_message))})
 
 #: What each side may receive. A worker never sends ``call``; a supervisor never sends ``end``.
 FROM_WORKER: Mapping[str, type[Message]] = {
