@@ -8,7 +8,8 @@ Both take ``max_tokens``, ``temperature`` (0 = greedy), ``top_p``, ``top_k`` (0 
 A streamed call emits the text as ``str`` chunks as it is generated (holding back only
 what could still turn into a stop string, or half a UTF-8 character); a whole call emits
 nothing and returns the text. The result is ``{"text" (whole calls only), "finish_reason":
-"stop"|"length", "prompt_tokens", "completion_tokens"}``.
+"stop"|"length", "prompt_tokens", "completion_tokens", "prompt_seconds", "eval_seconds"}``
+(the last two: the prompt's forward pass and the decoding after it, by the worker's clock).
 
 Decoding is a token-by-token loop over the model's KV cache, run in the call's own thread:
 
@@ -450,10 +451,13 @@ class CausalLMModel(Model):
         finish = "length"
         with self._count_lock:
             self.active += 1
+        started = time.monotonic()
+        prefilled = started
         try:
             with torch.inference_mode():
                 ids = torch.tensor([prompt], device=self._device)
                 out = self._model(input_ids=ids, use_cache=True, **self._keep_logits)
+                prefilled = time.monotonic()
                 for _ in range(max_tokens):
                     ctx.check_cancelled()
                     token = _pick(out.logits[0, -1, :], sampling, generator, seen)
@@ -492,6 +496,9 @@ class CausalLMModel(Model):
             "finish_reason": finish,
             "prompt_tokens": len(prompt),
             "completion_tokens": len(produced),
+            # The worker's clock: the prompt's forward pass, then decoding (Ollama reports both).
+            "prompt_seconds": round(prefilled - started, 6),
+            "eval_seconds": round(time.monotonic() - prefilled, 6),
         }
         if emit is None:
             result["text"] = text

@@ -24,6 +24,7 @@ from supervisor.api import (
     compat,
     config_reload,
     embeddings,
+    ollama,
     openai,
     transcriptions,
 )
@@ -105,6 +106,7 @@ def create_app(settings: Settings, *, runtime_base: str | None = None,
     # The access log is outermost: it sees the status the inner middlewares answered with.
     middlewares: list[Any] = [
         access_log.access_middleware(metrics, log_lines=settings.access_log),
+        ollama.ollama_errors_middleware,  # Ollama's error shape on Ollama's paths
         errors_middleware,
     ]
     if is_loopback_host(settings.host):
@@ -127,6 +129,7 @@ def create_app(settings: Settings, *, runtime_base: str | None = None,
     app.add_routes(chat.routes)
     app.add_routes(compat.routes)
     app.add_routes(transcriptions.routes)
+    app.add_routes(ollama.routes)
     app.add_routes(openapi_routes)
     app.add_routes(config_reload.routes)
 

@@ -524,7 +524,9 @@ def _responses() -> dict[str, Schema]:
 @lru_cache(maxsize=1)
 def components() -> dict[str, Schema]:
     """``#/components/schemas``: every request and response schema, by name."""
-    return {**_requests(), **_responses()}
+    from supervisor.api import ollama_schema  # Ollama's routes keep their schemas there
+
+    return {**_requests(), **_responses(), **ollama_schema.components()}
 
 
 # --------------------------------------------------------------------------- operations
