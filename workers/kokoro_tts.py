@@ -48,6 +48,7 @@ from workers.base import (
 )
 from workers.english_g2p import EnglishPhonemizer, shared_phonemizer
 from workers.gpu_memory import torch_vram_bytes
+from workers.option_values import bad_config as _bad_config
 from workers.protocol import WARMUP_OP, ErrorCode
 from workers.speech import SpeechRequest, deliver, parse_speech_args
 from workers.voice_catalog import KOKORO_DEFAULT_VOICE
@@ -63,10 +64,6 @@ SHIPPED_CONFIG = Path(__file__).with_name("data") / "kokoro-82m-config.json"
 _PACK_SHAPE = (510, 1, 256)
 _OPTIONS = recipe_options.KOKORO  # the one list: the supervisor checks recipes with it too
 _REPO_ID = "hexgrad/Kokoro-82M"
-
-
-def _bad_config(message: str) -> ModelError:
-    return ModelError(ErrorCode.BAD_CONFIG, message)
 
 
 class KokoroModel(Model):

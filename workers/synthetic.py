@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import array
 import ctypes
+import functools
 import importlib
 import logging
 import math
@@ -94,6 +95,9 @@ from workers.base import (
     ModelError,
     invalid,
 )
+from workers.option_values import bad_config as _bad
+from workers.option_values import int_option, number_option
+from workers.option_values import is_number as _is_number
 from workers.protocol import WARMUP_OP, Chunk, ErrorCode, encode
 from workers.runtime import flush_from_thread, send_raw_from_thread
 from workers.voice_catalog import SYNTHETIC_VOICES
@@ -121,32 +125,8 @@ CRASH_ON_LOAD_EXIT = 17
 _FORGED_ID = 2**62 + 7
 
 
-def _bad(message: str) -> ModelError:
-    return ModelError(ErrorCode.BAD_CONFIG, message)
-
-
-def _is_number(value: object) -> bool:
-    return (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and math.isfinite(float(value))
-    )
-
-
-def _number_option(options: Mapping[str, Any], key: str, default: float) -> float:
-    value = options.get(key, default)
-    if not _is_number(value) or value < 0:
-        raise _bad(f"synthetic option {key!r} must be a number >= 0, got {value!r:.60}")
-    return float(value)
-
-
-def _int_option(options: Mapping[str, Any], key: str, default: int, low: int, high: int) -> int:
-    value = options.get(key, default)
-    if type(value) is not int or not low <= value <= high:
-        raise _bad(
-            f"synthetic option {key!r} must be an integer in {low}..{high}, got {value!r:.60}"
-        )
-    return value
+_number_option = functools.partial(number_option, "synthetic")
+_int_option = functools.partial(int_option, "synthetic")
 
 
 @dataclass(frozen=True)
