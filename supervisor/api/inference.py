@@ -32,10 +32,9 @@ from aiohttp import web
 
 from supervisor.api.access_log import note_first_token
 from supervisor.api.keys import MANAGER, METRICS
-from supervisor.api.openai import require_model_type
 from supervisor.channel import CallStream
-from supervisor.errors import LemonadeError, WorkerFailed
-from supervisor.manager import Lease
+from supervisor.errors import BadRequest, LemonadeError, WorkerFailed
+from supervisor.manager import Lease, Manager
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +156,23 @@ def _seconds(value: object) -> float | None:
     if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
         return float(value)
     return None
+
+
+def require_model_type(manager: Manager, model: str, model_type: str, route: str) -> None:
+    """404 for an unknown model, 400 when the model exists but serves another type."""
+    slot = manager.slot(model)
+    if slot.recipe.type != model_type:
+        raise BadRequest(
+            f"model '{model}' is {_a(slot.recipe.type)} model; "
+            f"{route} needs {_a(model_type)} model",
+            code="model_not_supported", param="model",
+        )
+
+
+def _a(model_type: str) -> str:
+    """"an llm", "an asr", "a tts", "an embedding": the article goes by the sound."""
+    vowel_sound = model_type[:1] in "aeiou" or model_type == "llm"  # "el-el-em"
+    return ("an " if vowel_sound else "a ") + model_type
 
 
 @contextlib.asynccontextmanager

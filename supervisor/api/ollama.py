@@ -57,10 +57,9 @@ from supervisor import __version__
 from supervisor.api import generation_args, schemas
 from supervisor.api.body import Body
 from supervisor.api.embeddings import as_floats, embed
-from supervisor.api.inference import Inference, infer, relay, text_chunk
+from supervisor.api.inference import Inference, infer, relay, require_model_type, text_chunk
 from supervisor.api.keys import MANAGER, STARTED_AT
 from supervisor.api.ollama_schema import MAX_EMBED_INPUTS, OPENAPI_PATHS
-from supervisor.api.openai import require_model_type
 from supervisor.errors import BadRequest, LemonadeError
 from supervisor.lifecycle import Slot
 from supervisor.manager import Manager

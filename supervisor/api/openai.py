@@ -12,17 +12,17 @@ sees a truncated transfer rather than a short file that looks complete (with Ope
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncGenerator, Mapping
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from supervisor.api import schemas
+from supervisor.api.inference import Inference, infer, relay, require_model_type
 from supervisor.api.keys import MANAGER, STARTED_AT
 from supervisor.errors import BadRequest, LemonadeError, WorkerFailed
 from supervisor.lifecycle import Slot, State
@@ -140,50 +140,38 @@ async def speech(request: web.Request) -> web.StreamResponse:
         args["voice"] = _voice_for(manager, recipe.kind, recipe.options, voice)
     content_type = AUDIO_CONTENT_TYPES[fmt]
     started = time.monotonic()
-    async with manager.use(model, keep_alive_s=keep_alive) as lease:
-        call = lease.channel.call("speech", args, timeout_s=manager.settings.call_timeout_s)
-        async with call:
-            if not args["stream"]:
-                audio = b"".join([_audio_bytes(c, model) async for c in call])
-                log.debug("speech from %s: %d bytes in %.3fs", model, len(audio),
-                          time.monotonic() - started)
-                return web.Response(body=audio, content_type=content_type,
-                                    headers={"X-Lemonade-Worker-Pid": str(lease.pid)})
-            first = await anext(call, None)  # errors here are still clean HTTP errors
-            headers = {"X-Accel-Buffering": "no", "X-Lemonade-Worker-Pid": str(lease.pid)}
-            if sse:
-                headers.update({"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-            else:
-                headers["Content-Type"] = content_type
-            response = web.StreamResponse(headers=headers)
-            if not sse:
-                response.enable_chunked_encoding()
-            await response.prepare(request)
-            try:
-                if first is not None:
-                    await response.write(_speech_piece(_audio_bytes(first, model), sse))
-                async for chunk in call:
-                    await response.write(_speech_piece(_audio_bytes(chunk, model), sse))
-            except LemonadeError as e:
-                log.warning("speech stream from %s broke after it started: %s", model, e.message)
-                if sse:  # an event can say so; the stream ends without speech.audio.done
-                    with contextlib.suppress(ConnectionResetError):
-                        await response.write(_sse_event({"type": "error", "error": {
-                            "message": e.message, "type": e.type, "param": e.param,
-                            "code": e.code}}))
-                        await response.write_eof()
-                    return response
-                # Drop the connection without the terminating chunk: the client must not take
-                # a truncated file for a complete one.
-                if request.transport is not None:
-                    request.transport.close()
-                return response
-            if sse:
-                # No tokenizer for speech here: the input is counted in characters.
-                await response.write(_sse_event({"type": "speech.audio.done", "usage": {
-                    "input_tokens": len(text), "output_tokens": 0, "total_tokens": len(text)}}))
-            await response.write_eof()
-            return response
+    async with infer(request, model=model, model_type="tts", op="speech", args=args,
+                     keep_alive_s=keep_alive) as job:
+        if not args["stream"]:
+            audio = b"".join([_audio_bytes(c, model) async for c in job.chunks()])
+            log.debug("speech from %s: %d bytes in %.3fs", model, len(audio),
+                      time.monotonic() - started)
+            return web.Response(body=audio, content_type=content_type, headers=job.headers)
+        await job.first()  # errors here are still clean HTTP errors
+        headers = {"X-Accel-Buffering": "no"}
+        if sse:
+            headers.update({"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        else:
+            headers["Content-Type"] = content_type
+        # A broken SSE stream ends with an error event (and no speech.audio.done); a broken
+        # byte stream is dropped without its last chunk, so a truncated file never looks whole.
+        return await relay(request, job, _speech_frames(job, sse, len(text)), headers=headers,
+                           on_break=_speech_error if sse else None, chunked=not sse)
+
+
+async def _speech_frames(job: Inference, sse: bool,
+                         characters: int) -> AsyncGenerator[bytes, None]:
+    async for chunk in job.chunks():
+        yield _speech_piece(_audio_bytes(chunk, job.model), sse)
+    if sse:
+        # No tokenizer for speech here: the input is counted in characters.
+        yield _sse_event({"type": "speech.audio.done", "usage": {
+            "input_tokens": characters, "output_tokens": 0, "total_tokens": characters}})
+
+
+def _speech_error(e: LemonadeError) -> bytes:
+    return _sse_event({"type": "error", "error": {"message": e.message, "type": e.type,
+                                                  "param": e.param, "code": e.code}})
 
 
 def _voice_for(manager: Manager, kind: str, options: Mapping[str, Any], voice: str) -> str:
@@ -260,23 +248,6 @@ def _default_tts_model(manager: Manager) -> str:
         return speech[0]
     raise BadRequest("query parameter 'model' is required: name one of the speech models ("
                      + (", ".join(speech) or "none configured") + ")")
-
-
-def require_model_type(manager: Manager, model: str, model_type: str, route: str) -> None:
-    """404 for an unknown model, 400 when the model exists but serves another type."""
-    slot = manager.slot(model)
-    if slot.recipe.type != model_type:
-        raise BadRequest(
-            f"model '{model}' is {_a(slot.recipe.type)} model; "
-            f"{route} needs {_a(model_type)} model",
-            code="model_not_supported", param="model",
-        )
-
-
-def _a(model_type: str) -> str:
-    """"an llm", "an asr", "a tts", "an embedding": the article goes by the sound."""
-    vowel_sound = model_type[:1] in "aeiou" or model_type == "llm"  # "el-el-em"
-    return ("an " if vowel_sound else "a ") + model_type
 
 
 def _audio_bytes(chunk: object, model: str) -> bytes:
