@@ -1,4 +1,6 @@
-"""Lifecycle routes (``/api/v1/...``, Lemonade-shaped), Ollama's ``/api/ps``, metrics, health.
+"""Lifecycle routes (``/api/v1/...``, Lemonade-shaped), metrics, health.
+
+Ollama's ``/api/ps`` lives with Ollama's other routes in :mod:`supervisor.api.ollama`.
 
 These let a user see and steer what is resident: load and pin, unload one or all, change idle
 timeouts at runtime, watch lifecycle events as they happen, and scrape Prometheus metrics.
@@ -59,8 +61,6 @@ OPENAPI_PATHS: dict[str, dict[str, Any]] = {
         "Lifecycle events (server-sent events)",
         ok={"description": "an endless event stream",
             "content": {"text/event-stream": schemas.sse_events()}})},
-    "/api/ps": {"get": schemas.operation("Resident models (Ollama)",
-                                         ok=schemas.json_response("RunningModels"))},
     "/metrics": {"get": schemas.operation(
         "Prometheus metrics", ok={"description": "Prometheus text format",
                                   "content": {"text/plain": _TEXT}})},
@@ -225,27 +225,6 @@ async def events(request: web.Request) -> web.StreamResponse:
             await response.write(f"event: {event['event']}\ndata: {payload}\n\n".encode())
     await response.write_eof()
     return response
-
-
-@routes.get("/api/ps")
-async def ollama_ps(request: web.Request) -> web.Response:
-    """Ollama's running-models list, so Ollama tooling can read what is resident."""
-    manager = request.app[MANAGER]
-    models: list[dict[str, Any]] = []
-    for row in model_rows(manager):
-        if row["state"] != State.READY.value:
-            continue
-        memory = row["memory"]
-        models.append({
-            "name": row["name"],
-            "model": row["name"],
-            "size": memory["rss_bytes"] + memory["vram_bytes"],
-            "size_vram": memory["vram_bytes"],
-            "digest": "",
-            "details": {"family": row["kind"], "format": row["type"]},
-            "expires_at": row["expires_at"],
-        })
-    return web.json_response({"models": models})
 
 
 @routes.get("/metrics")

@@ -2,11 +2,10 @@
 
 Routes: ``POST /api/chat``, ``POST /api/generate`` (NDJSON streams by default, one object
 with ``"stream": false``), ``POST /api/embed``, the older ``POST /api/embeddings``, ``GET
-/api/tags``, ``POST /api/show``, ``GET /api/version``, and ``GET /`` (and
+/api/tags``, ``POST /api/show``, ``GET /api/ps``, ``GET /api/version``, and ``GET /`` (and
 ``HEAD /``): Ollama answers its root with a plain-text liveness line, which Ollama clients
 use to see that a server is there. No dashboard or other route uses ``/`` here, so it
 answers likewise, 200 ``text/plain``, in its own words (``Lemonade Supervisor is running``).
-``GET /api/ps`` is :mod:`supervisor.api.admin`'s (it reads the same status rows).
 
 Each route is a thin adapter over :mod:`supervisor.api.inference` (the lease, the call, the
 stream) and :mod:`supervisor.api.generation_args` (the checks), so a request reaches the
@@ -61,8 +60,9 @@ from supervisor.api.inference import Inference, infer, relay, require_model_type
 from supervisor.api.keys import MANAGER, STARTED_AT
 from supervisor.api.ollama_schema import MAX_EMBED_INPUTS, OPENAPI_PATHS
 from supervisor.errors import BadRequest, LemonadeError
-from supervisor.lifecycle import Slot
+from supervisor.lifecycle import Slot, State
 from supervisor.manager import Manager
+from supervisor.status import model_rows
 
 log = logging.getLogger(__name__)
 
@@ -496,6 +496,30 @@ async def show(request: web.Request) -> web.Response:
         "capabilities": _capabilities(slot),
         "modified_at": _modified_at(request, slot),
     })
+
+
+@routes.get("/api/ps")
+async def ps(request: web.Request) -> web.Response:
+    """The resident models, so Ollama tooling can read what is loaded and until when."""
+    manager = request.app[MANAGER]
+    models: list[dict[str, Any]] = []
+    for row in model_rows(manager):
+        if row["state"] != State.READY.value:
+            continue
+        slot = manager.slot(row["name"])
+        memory = row["memory"]
+        models.append({
+            "name": row["name"],
+            "model": row["name"],
+            "size": memory["rss_bytes"] + memory["vram_bytes"],
+            "size_vram": memory["vram_bytes"],
+            "digest": _digest(slot),
+            "details": _details(slot),
+            "expires_at": row["expires_at"],  # null: no idle timer runs (busy, pinned, never)
+            **({"context_length": slot.info["context"]}
+               if isinstance(slot.info.get("context"), int) else {}),
+        })
+    return web.json_response({"models": models})
 
 
 @routes.get("/api/version")

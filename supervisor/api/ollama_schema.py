@@ -238,6 +238,8 @@ OPENAPI_PATHS: dict[str, dict[str, Any]] = {
                              "OllamaTags", statuses=schemas.ANY_ROUTE)},
     "/api/show": {"post": _op("What is known of one model (Ollama)", "OllamaShow",
                               request="OllamaShowRequest", statuses=_READ_STATUSES)},
+    "/api/ps": {"get": _op("Resident models (Ollama): size, size_vram, expires_at (null: "
+                           "no idle timer runs)", "RunningModels", statuses=schemas.ANY_ROUTE)},
     "/api/version": {"get": _op("The server's version (Ollama's route)", "OllamaVersion",
                                 statuses=schemas.ANY_ROUTE)},
     "/": {"get": {"summary": "Liveness, as Ollama answers it (plain text)",

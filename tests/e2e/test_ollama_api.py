@@ -180,6 +180,8 @@ def test_keep_alive_10m_shows_in_ps_and_status(server: Server, client: ollama.Cl
     left = row.expires_at - before
     assert timedelta(minutes=9) < left <= timedelta(minutes=10, seconds=5), left
     assert row.size is not None and row.size > 10 * 1024 * 1024
+    assert row.digest is not None and len(row.digest) == 64
+    assert row.details is not None and row.details.parameter_size.endswith("M")  # ~22.7M
     env = {"LEMONADE_URL": server.url}
     status = run_cli("status", "--json", env=env)
     assert status.returncode == 0, status.stderr
