@@ -63,7 +63,7 @@ async def test_hibari_speaks_streams_and_checks_its_input(make_manager: ManagerF
     info = manager.slots["voice"].info
     assert info["default_voice"] == "heart" and "heart" in info["voices"]
 
-    chunks, result, started = await speak(manager, FOUR_SENTENCES, response_format="pcm",
+    chunks, result, _started = await speak(manager, FOUR_SENTENCES, response_format="pcm",
                                           stream=True)
     assert result["chunks"] == 4 and len(chunks) == 4, result
     assert sum(len(c) for _, c in chunks) == round(result["seconds"] * 24000) * 2
