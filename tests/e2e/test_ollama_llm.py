@@ -11,15 +11,27 @@ change the prompt as Ollama's do; a request with nothing to generate loads the m
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import ollama
 import pytest
 
-from tests.e2e.conftest import Server, launch_server, pid_alive, pid_gone, wait_for
+from tests.e2e.conftest import (
+    Server,
+    async_wait_for,
+    launch_server,
+    pid_alive,
+    pid_gone,
+    wait_for,
+)
 from tests.helpers import shared_data_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -215,3 +227,49 @@ def test_nothing_to_generate_loads_and_keep_alive_0_unloads(start_server: Any,
         gone = client.generate(model="smol", keep_alive=0)
         assert gone.done_reason == "unload"
         wait_for(lambda: pid_gone(pid), 15, what=f"worker {pid} to exit")
+
+
+# ===================================================================== hang-ups and breaks
+
+
+async def test_client_hanging_up_stops_the_generation(server: Server) -> None:
+    async with aiohttp.ClientSession() as session:
+        response = await session.post(server.url + "/api/generate", json={
+            "model": "smol", "prompt": "Tell me a long story.",
+            "options": {"num_predict": 2000, "temperature": 0.7}})
+        assert response.status == 200
+        seen = b""
+        while seen.count(b"\n") < 2:
+            seen += await response.content.readany()
+        response.close()
+    # max_concurrency is 1: had the abandoned generation gone on, this would queue behind it.
+    started = time.monotonic()
+    quick = await asyncio.to_thread(server.post, "/api/generate", {
+        "model": "smol", "prompt": "Hi", "stream": False, "options": {"num_predict": 1}},
+        timeout=CALL_TIMEOUT_S)
+    assert quick.status == 200 and quick.json()["eval_count"] == 1
+    took = time.monotonic() - started
+    assert took < 45, f"the next request took {took:.1f}s: the abandoned one kept generating"
+    await async_wait_for(lambda: server.model("smol")["in_flight"] == 0, 5,
+                         what="the abandoned request to be released")
+
+
+def test_worker_dying_mid_stream_ends_it_with_an_error_line(server: Server) -> None:
+    """Last in the module: it leaves smol unloaded."""
+    pid = server.model("smol")["pid"]
+
+    async def run() -> bytes:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(server.url + "/api/chat", json={
+                    "model": "smol", "messages": SHORT,
+                    "options": {"num_predict": 2000}}) as response:
+                assert response.status == 200
+                seen = await response.content.readany()
+                os.kill(pid, signal.SIGKILL)
+                return seen + await response.read()
+
+    lines = ndjson(asyncio.run(run()))
+    assert all(line.get("done") is False for line in lines[:-1])
+    assert set(lines[-1]) == {"error"} and lines[-1]["error"], lines[-1]
+    wait_for(lambda: server.model("smol")["state"] == "unloaded", 10, what="smol unloaded")
+    assert server.model("smol")["last_eviction"]["reason"] == "crash"
