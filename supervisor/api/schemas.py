@@ -719,6 +719,16 @@ def _describe(error: jsonschema.ValidationError, root: str = "the request body",
     if kind == "not" and isinstance(schema.get(ERROR_KEY), str):
         return schema[ERROR_KEY], field, "invalid_request"
     own = schema.get(ERROR_KEY)
+    if kind in ("anyOf", "oneOf") and error.context:
+        # An alternative that got inside the value (an array whose item 1 is wrong) says
+        # more than "must be one of these shapes": name that item, keep the shape as context.
+        deeper = [e for e in error.context if len(e.absolute_path) > len(error.absolute_path)]
+        if deeper:
+            best = max(deeper, key=lambda e: len(e.absolute_path))
+            message, inner_field, code = _describe(best, root)
+            if isinstance(own, str):
+                message += f" ({name} {own})"
+            return message, inner_field, code
     if isinstance(own, str):
         return f"{name} {own}, got {_short(instance)}", field, "invalid_request"
     if kind == "type":

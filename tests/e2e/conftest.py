@@ -324,6 +324,29 @@ def launch_server(config: str, directory: Path, *, env: dict[str, str] | None = 
     return server
 
 
+def module_server(factory: pytest.TempPathFactory, config: str, name: str, *,
+                  load: Iterable[str] = (), load_timeout_s: float = 600.0,
+                  shared_data: bool = False) -> Iterator[Server]:
+    """The body of a module-scoped ``server`` fixture (``yield from module_server(...)``):
+    one server for the module with ``load`` loaded before any test (and before the per-test
+    leak guard looks), stopped at the end with no worker left, no crash and no logged bug.
+    ``shared_data``: the session's one data dir, so converted weights are built once."""
+    from tests.helpers import shared_data_dir
+
+    env = {"LEMONADE_DATA_DIR": str(shared_data_dir(factory))} if shared_data else None
+    server = launch_server(config, Path(factory.mktemp(name)), env=env)
+    try:
+        for model in load:
+            loaded = server.post("/api/v1/load", {"model_name": model}, timeout=load_timeout_s)
+            assert loaded.status == 200, loaded.body
+        yield server
+        assert server.alive(), server.log_text()
+        assert not any("this is a bug" in line for line in server.log_lines), server.log_text()
+    finally:
+        problems = server.stop()
+        assert not problems, problems
+
+
 @pytest.fixture
 def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     """A factory: ``start_server(config_toml, env={...}, args=[...]) -> Server``."""

@@ -27,8 +27,7 @@ import aiohttp
 import openai
 import pytest
 
-from tests.e2e.conftest import Server, async_wait_for, launch_server, wait_for
-from tests.helpers import shared_data_dir
+from tests.e2e.conftest import Server, async_wait_for, launch_server, module_server, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -51,15 +50,8 @@ SHORT = [{"role": "system", "content": "Be brief."},
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    env = {"LEMONADE_DATA_DIR": str(shared_data_dir(tmp_path_factory))}
-    server = launch_server(CONFIG, Path(tmp_path_factory.mktemp("chat")), env=env)
-    try:
-        loaded = server.post("/api/v1/load", {"model_name": "smol"}, timeout=LOAD_TIMEOUT_S)
-        assert loaded.status == 200, loaded.body
-        yield server
-    finally:
-        problems = server.stop()
-        assert not problems, problems
+    yield from module_server(tmp_path_factory, CONFIG, "chat", load=("smol",),
+                             load_timeout_s=LOAD_TIMEOUT_S, shared_data=True)
 
 
 @pytest.fixture

@@ -10,14 +10,12 @@ its seed, and a request that sets one gets what the plain model gives for the sa
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 
-from tests.e2e.conftest import Server, launch_server
-from tests.helpers import shared_data_dir
+from tests.e2e.conftest import Server, module_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -41,16 +39,8 @@ MESSAGES = [{"role": "user", "content": "Name three fruits."}]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    env = {"LEMONADE_DATA_DIR": str(shared_data_dir(tmp_path_factory))}
-    server = launch_server(CONFIG, Path(tmp_path_factory.mktemp("sampling")), env=env)
-    try:
-        for name in ("plain", "greedy"):
-            loaded = server.post("/api/v1/load", {"model_name": name}, timeout=LOAD_TIMEOUT_S)
-            assert loaded.status == 200, loaded.body
-        yield server
-    finally:
-        problems = server.stop()
-        assert not problems, problems
+    yield from module_server(tmp_path_factory, CONFIG, "sampling", load=("plain", "greedy"),
+                             load_timeout_s=LOAD_TIMEOUT_S, shared_data=True)
 
 
 @pytest.fixture

@@ -12,12 +12,11 @@ import base64
 import math
 import struct
 from collections.abc import Iterator
-from pathlib import Path
 
 import openai
 import pytest
 
-from tests.e2e.conftest import Server, launch_server
+from tests.e2e.conftest import Server, module_server
 
 CONFIG = """
 [server]
@@ -38,14 +37,8 @@ LOAD_TIMEOUT_S = 120.0
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One server for the module: the model load is the cost, so every test shares it."""
-    server = launch_server(CONFIG, Path(tmp_path_factory.mktemp("embeddings")))
-    try:
-        loaded = server.post("/api/v1/load", {"model_name": "minilm"}, timeout=LOAD_TIMEOUT_S)
-        assert loaded.status == 200, loaded.body
-        yield server
-    finally:
-        problems = server.stop()
-        assert not problems, problems
+    yield from module_server(tmp_path_factory, CONFIG, "embeddings", load=("minilm",),
+                             load_timeout_s=LOAD_TIMEOUT_S)
 
 
 @pytest.fixture

@@ -16,13 +16,12 @@ import math
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import ollama
 import pytest
 
-from tests.e2e.conftest import Server, launch_server, pid_gone, run_cli, wait_for
+from tests.e2e.conftest import Server, module_server, pid_gone, run_cli, wait_for
 
 CONFIG = """
 [server]
@@ -45,14 +44,8 @@ DIMENSIONS = 384
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One server for the module, minilm loaded (tests that end or start workers have their
     own: the leak guard wants each test's processes gone when it ends)."""
-    server = launch_server(CONFIG, Path(tmp_path_factory.mktemp("ollama")))
-    try:
-        loaded = server.post("/api/v1/load", {"model_name": "minilm"}, timeout=LOAD_TIMEOUT_S)
-        assert loaded.status == 200, loaded.body
-        yield server
-    finally:
-        problems = server.stop()
-        assert not problems, problems
+    yield from module_server(tmp_path_factory, CONFIG, "ollama", load=("minilm",),
+                             load_timeout_s=LOAD_TIMEOUT_S)
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ import os
 import signal
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -27,7 +26,7 @@ import pytest
 from tests.e2e.conftest import (
     Server,
     async_wait_for,
-    launch_server,
+    module_server,
     pid_alive,
     pid_gone,
     wait_for,
@@ -55,15 +54,8 @@ FINAL_FIELDS = {"total_duration", "load_duration", "prompt_eval_count", "prompt_
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    env = {"LEMONADE_DATA_DIR": str(shared_data_dir(tmp_path_factory))}
-    server = launch_server(CONFIG, Path(tmp_path_factory.mktemp("ollama-llm")), env=env)
-    try:
-        loaded = server.post("/api/v1/load", {"model_name": "smol"}, timeout=LOAD_TIMEOUT_S)
-        assert loaded.status == 200, loaded.body
-        yield server
-    finally:
-        problems = server.stop()
-        assert not problems, problems
+    yield from module_server(tmp_path_factory, CONFIG, "ollama-llm", load=("smol",),
+                             load_timeout_s=LOAD_TIMEOUT_S, shared_data=True)
 
 
 @pytest.fixture

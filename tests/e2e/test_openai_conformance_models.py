@@ -22,8 +22,7 @@ from openai.types.audio import TranscriptionVerbose
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from tests.e2e import openai_shapes as shapes
-from tests.e2e.conftest import Server, launch_server
-from tests.helpers import shared_data_dir
+from tests.e2e.conftest import Server, module_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -51,17 +50,8 @@ SPEECH = Path(__file__).resolve().parent.parent / "data" / "quick_brown_fox.flac
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    env = {"LEMONADE_DATA_DIR": str(shared_data_dir(tmp_path_factory))}
-    server = launch_server(CONFIG, Path(tmp_path_factory.mktemp("shapes")), env=env)
-    try:
-        for name in ("smol", "minilm", "whisper"):
-            loaded = server.post("/api/v1/load", {"model_name": name}, timeout=TIMEOUT_S)
-            assert loaded.status == 200, loaded.body
-        yield server
-        assert server.alive(), server.log_text()
-    finally:
-        problems = server.stop()
-        assert not problems, problems
+    yield from module_server(tmp_path_factory, CONFIG, "shapes", load=("smol", "minilm", "whisper"),
+                             load_timeout_s=TIMEOUT_S, shared_data=True)
 
 
 @pytest.fixture
