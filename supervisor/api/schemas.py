@@ -696,6 +696,11 @@ def _short(value: Any) -> str:
     return repr(value)[:40]
 
 
+def _number(value: float) -> str:
+    """A bound as a person writes it: 1000000, not 1e+06; 0.25 stays 0.25."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
 def _describe(error: jsonschema.ValidationError, root: str = "the request body",
               ) -> tuple[str, str | None, str]:
     """(message, the field it names, the error code) for one validation error."""
@@ -744,12 +749,12 @@ def _describe(error: jsonschema.ValidationError, root: str = "the request body",
         high = schema.get("maximum", schema.get("exclusiveMaximum"))
         if low is not None and high is not None:
             if low == high:
-                return f"{name} must be {low:g}, got {_short(instance)}", field, \
+                return f"{name} must be {_number(low)}, got {_short(instance)}", field, \
                     "invalid_request"
             lower = "greater than" if "exclusiveMinimum" in schema else "between"
             joint = "and at most" if "exclusiveMinimum" in schema else "and"
-            return (f"{name} must be {lower} {low:g} {joint} {high:g}, got {_short(instance)}",
-                    field, "invalid_request")
+            return (f"{name} must be {lower} {_number(low)} {joint} {_number(high)}, "
+                    f"got {_short(instance)}", field, "invalid_request")
         return f"{name}: {error.message}", field, "invalid_request"
     if kind == "maxLength" and isinstance(instance, str):
         return (f"{name} is {len(instance)} characters long; the limit is {value}", field,

@@ -194,7 +194,7 @@ def test_every_route_but_health_needs_the_key(keyed_server: Server) -> None:
     # The route table comes from the server itself, so a new route cannot slip through.
     doc = keyed_server.get("/openapi.json",
                            headers={"Authorization": f"Bearer {KEY}"}).json()
-    bodies = set()
+    bodies: dict[str, set[bytes]] = {"openai": set(), "ollama": set()}
     for path, operations in doc["paths"].items():
         for method in operations:
             result = keyed_server.request(method.upper(), path,
@@ -204,8 +204,14 @@ def test_every_route_but_health_needs_the_key(keyed_server: Server) -> None:
                 continue
             assert result.status == 401, (method, path, result.status)
             assert result.headers["WWW-Authenticate"] == "Bearer"
-            bodies.add(result.body)
-    assert len(bodies) == 1  # one answer, whatever the route
+            # Ollama's routes (/ and /api/* but /api/v1/*) answer in Ollama's error shape.
+            ollama = path == "/" or (path.startswith("/api/")
+                                     and not path.startswith("/api/v1/"))
+            bodies["ollama" if ollama else "openai"].add(result.body)
+    # One answer per API shape, whatever the route: nothing about the route leaks.
+    assert [len(b) for b in bodies.values()] == [1, 1], bodies
+    (ollama_body,) = bodies["ollama"]
+    assert set(json.loads(ollama_body)) == {"error"}
 
 
 @pytest.mark.parametrize("headers", BAD_AUTH, ids=[str(i) for i in range(len(BAD_AUTH))])
