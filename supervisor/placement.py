@@ -23,6 +23,7 @@ import psutil
 from supervisor import policy
 from supervisor.config import Settings
 from supervisor.lifecycle import Slot, State
+from workers.kinds import KINDS
 
 _RESIDENT_STATES = {
     State.READY: policy.ResidentState.READY,
@@ -31,8 +32,9 @@ _RESIDENT_STATES = {
 }
 
 
-#: Kinds that can run on an NVIDIA GPU (torch or CTranslate2). ONNX kinds run on the CPU.
-GPU_KINDS = frozenset({"kokoro", "llm", "embedding", "asr"})
+#: Kinds that can run on an NVIDIA GPU (torch or CTranslate2; workers/kinds.py). ONNX kinds
+#: run on the CPU.
+GPU_KINDS = frozenset(name for name, kind in KINDS.items() if kind.gpu)
 
 
 def charges(slot: Slot, device: str | None) -> tuple[int, dict[str, int]]:

