@@ -10,8 +10,12 @@ socket):
   (up to the blank line) within ``header_timeout`` is closed. After the first request the
   connection is aiohttp's, whose keep-alive timer closes it when idle; a request body that
   dribbles is bounded by ``body_timeout`` where routes read it (``api/body.py``);
-* **connection cap**: beyond ``max_connections`` open connections, a new one gets a plain
-  ``503`` with ``Retry-After`` and is closed, before aiohttp spends anything on it.
+* **connection cap**: at ``max_connections`` open connections, a new one first takes the
+  place of the oldest connection that has not finished its first header block (the likely
+  slowloris: measured with ``bench/slow_clients.py``, refusing newcomers instead let 300
+  dribbling connections starve a normal client of 80% of its requests); only when every
+  connection is past its headers does a newcomer get a plain ``503`` with ``Retry-After``,
+  before aiohttp spends anything on it.
 
 Everything else passes straight through to aiohttp's handler, unchanged.
 """
@@ -77,7 +81,7 @@ class GuardedProtocol(asyncio.Protocol):
     def connection_made(self, transport: Any) -> None:
         # Any: uvloop's transports are not subclasses of asyncio.Transport.
         self.transport = transport
-        if not self.guard.admit():
+        if not self.guard.admit(self):
             self._refused = True
             transport.write(_FULL)
             transport.close()
@@ -94,6 +98,12 @@ class GuardedProtocol(asyncio.Protocol):
                      self.guard.header_timeout_s)
             self.transport.close()
 
+    def make_room(self) -> None:
+        """Closed to let a newcomer in: this connection never finished its headers."""
+        self.guard.cut += 1
+        if self.transport is not None:
+            self.transport.close()
+
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
@@ -101,6 +111,7 @@ class GuardedProtocol(asyncio.Protocol):
             seen = self._tail + data
             if b"\r\n\r\n" in seen:
                 self._headers_done = True
+                self.guard.stalled.pop(self, None)
                 if self._deadline is not None:
                     self._deadline.cancel()
                     self._deadline = None
@@ -119,7 +130,7 @@ class GuardedProtocol(asyncio.Protocol):
             self._deadline = None
         if self._refused:
             return
-        self.guard.release()
+        self.guard.release(self)
         self.inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
@@ -140,16 +151,24 @@ class ConnectionGuard:
         self.open = 0
         self.refused = 0
         self.cut = 0
+        #: Connections still waiting for their first header block, oldest first.
+        self.stalled: dict[GuardedProtocol, None] = {}
 
-    def admit(self) -> bool:
+    def admit(self, protocol: GuardedProtocol) -> bool:
         if self.max_connections is not None and self.open >= self.max_connections:
-            self.refused += 1
-            return False
+            oldest = next(iter(self.stalled), None)
+            if oldest is None:
+                self.refused += 1
+                return False
+            del self.stalled[oldest]
+            oldest.make_room()  # its connection_lost comes later and releases its count
         self.open += 1
+        self.stalled[protocol] = None
         return True
 
-    def release(self) -> None:
+    def release(self, protocol: GuardedProtocol) -> None:
         self.open -= 1
+        self.stalled.pop(protocol, None)
 
     def __call__(self) -> GuardedProtocol:
         return GuardedProtocol(self.server(), self)

@@ -1,8 +1,10 @@
 """Slow and greedy clients, with raw sockets against a real server (fault matrix H4, H6).
 
-A client that dribbles its header block or its body is cut off and frees what it held; past
-``max_connections`` a new connection gets a 503 at once; past ``max_waiting`` a request that
-would wait gets a 503 with Retry-After; other clients are answered throughout.
+A client that dribbles its header block or its body is cut off and frees what it held; at
+``max_connections`` a newcomer takes the place of the oldest connection that has not sent its
+headers, and gets a 503 at once only when every connection is past its headers; past
+``max_waiting`` a request that would wait gets a 503 with Retry-After; other clients are
+answered throughout.
 """
 
 from __future__ import annotations
@@ -112,23 +114,43 @@ def test_a_dribbled_body_is_a_408(start_server) -> None:  # type: ignore[no-unty
     assert server.model("slow")["state"] == "unloaded"  # nothing was done with half a body
 
 
-def test_past_max_connections_a_new_one_gets_a_503_at_once(start_server) -> None:  # type: ignore[no-untyped-def]
+def test_at_max_connections_a_newcomer_takes_a_stalled_connections_place(start_server) -> None:  # type: ignore[no-untyped-def]
     config = CONFIG.replace('header_timeout = "1s"', 'header_timeout = "30s"')
     server = start_server(config)
-    held = [_connect(server.url) for _ in range(6)]
+    stalled = [_connect(server.url) for _ in range(6)]  # never send a header block
     try:
+        # The cap is full of stalled connections: a normal client still gets in, and the
+        # oldest stalled connection is the one closed to make room.
+        assert _health_ok(server.url)
+        stalled[0].settimeout(10)
+        assert stalled[0].recv(4096) == b""
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
+def test_at_max_connections_of_busy_clients_a_newcomer_gets_a_503(start_server) -> None:  # type: ignore[no-untyped-def]
+    config = CONFIG.replace('header_timeout = "1s"', 'header_timeout = "30s"')
+    server = start_server(config)
+    # Six kept-alive connections that have each sent a whole request: none is stalled.
+    busy = [_connect(server.url) for _ in range(6)]
+    try:
+        for sock in busy:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            sock.settimeout(10)
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
         extra = _connect(server.url)
         extra.settimeout(10)
         answer = extra.recv(4096)
         extra.close()
         assert answer.startswith(b"HTTP/1.1 503"), answer[:120]
         assert b"Retry-After: 1" in answer and b"too_many_connections" in answer
-        held.pop().close()
+        busy.pop().close()
         # One slot is free again: a normal client gets through once the server has seen the
         # close (on a busy machine that can take a moment; until then it is still a 503).
         wait_for(lambda: _health_ok_or_full(server.url), 20)
     finally:
-        for sock in held:
+        for sock in busy:
             sock.close()
 
 
