@@ -259,7 +259,7 @@ class Channel:
 
     # ----------------------------------------------------------------- writing
 
-    async def _send(
+    async def send(
         self, message: Message, on_written: Callable[[], None] | None = None
     ) -> None:
         if self.closed_reason is not None:
@@ -274,18 +274,31 @@ class Channel:
                 self._close(f"writing to the worker failed ({e})")
                 raise WorkerFailed(f"worker for '{self.model}' is gone: {e}") from None
 
-    def _register(self, accepts: frozenset[str]) -> tuple[int, _Pending]:
+    # The interface a request on this channel uses (the load, a ping, a CallStream):
+    # register an id, send frames, take the answers addressed to it, drop it.
+
+    def register(self, accepts: frozenset[str]) -> tuple[int, _Pending]:
+        """A new request id and the queue its answers (of the types ``accepts``) arrive in."""
         request_id = next(self._ids)
         pending = _Pending(accepts)
         self._pending[request_id] = pending
         return request_id, pending
+
+    def drop(self, request_id: int) -> None:
+        """Forget a request the worker never heard of (its frame was never written)."""
+        self._pending.pop(request_id, None)
+
+    def is_pending(self, request_id: int) -> bool:
+        """Whether the worker may still answer ``request_id``."""
+        return request_id in self._pending
 
     def _forget(self, request_id: int) -> None:
         pending = self._pending.pop(request_id, None)
         if pending is not None:
             pending.abandon()
 
-    async def _next(self, pending: _Pending, timeout_s: float | None) -> Message:
+    async def next_message(self, pending: _Pending, timeout_s: float | None) -> Message:
+        """The next answer to a registered request (TimeoutError after ``timeout_s``)."""
         if not pending.queue.empty():
             item = pending.queue.get_nowait()  # the common case mid-answer: no timer needed
         else:
@@ -310,13 +323,13 @@ class Channel:
         timeout_s: float,
         on_progress: Callable[[Progress], None] | None = None,
     ) -> Loaded:
-        request_id, pending = self._register(frozenset({"progress", "loaded", "error"}))
-        await self._send(Load(id=request_id, name=name, type=type, device=device, options=options))
+        request_id, pending = self.register(frozenset({"progress", "loaded", "error"}))
+        await self.send(Load(id=request_id, name=name, type=type, device=device, options=options))
         while True:
             # Stall-based: every progress report starts the window again, so a big model
             # that keeps reporting may take longer, and a silent one is given up on.
             try:
-                msg = await self._next(pending, timeout_s)
+                msg = await self.next_message(pending, timeout_s)
             except TimeoutError:
                 self._forget(request_id)
                 raise GatewayTimeout(
@@ -333,12 +346,12 @@ class Channel:
             return msg
 
     async def ping(self, timeout_s: float) -> Pong:
-        request_id, pending = self._register(frozenset({"pong"}))
-        await self._send(Ping(id=request_id))
+        request_id, pending = self.register(frozenset({"pong"}))
+        await self.send(Ping(id=request_id))
         while True:
             pauses = self._pauses
             try:
-                msg = await self._next(pending, timeout_s)
+                msg = await self.next_message(pending, timeout_s)
                 break
             except TimeoutError:
                 if self._reading_paused or self._pauses != pauses:
@@ -351,7 +364,7 @@ class Channel:
     async def send_shutdown(self) -> None:
         """Best effort: the worker may already be gone."""
         with contextlib.suppress(LemonadeError):
-            await asyncio.wait_for(self._send(Shutdown()), 1.0)
+            await asyncio.wait_for(self.send(Shutdown()), 1.0)
 
     def call(self, op: str, args: dict[str, Any], *, timeout_s: float) -> CallStream:
         return CallStream(self, op, args, timeout_s)
@@ -383,15 +396,15 @@ class CallStream:
     async def start(self) -> None:
         if self._id is not None:
             return
-        self._id, self._pending = self._channel._register(frozenset({"chunk", "end", "error"}))
+        self._id, self._pending = self._channel.register(frozenset({"chunk", "end", "error"}))
         self._deadline = asyncio.get_running_loop().time() + self._timeout_s
         try:
-            await self._channel._send(Call(id=self._id, op=self._op, args=self._args),
+            await self._channel.send(Call(id=self._id, op=self._op, args=self._args),
                                       on_written=self._mark_sent)
         except BaseException:
             if not self._sent:  # the worker never heard of it: forget it
                 self.finished = True
-                self._channel._pending.pop(self._id, None)
+                self._channel.drop(self._id)
             raise  # if it was sent, aclose() cancels it on the worker
 
     def _mark_sent(self) -> None:
@@ -414,7 +427,7 @@ class CallStream:
         assert self._pending is not None
         remaining = self._deadline - asyncio.get_running_loop().time()
         try:
-            msg = await self._channel._next(self._pending, max(0.0, remaining))
+            msg = await self._channel.next_message(self._pending, max(0.0, remaining))
         except TimeoutError:
             await self.aclose()
             self._channel.probe_liveness()
@@ -445,7 +458,7 @@ class CallStream:
             return
         self.finished = True
         self._pending.abandon()
-        if self._id in self._channel._pending and self._channel.is_open:
+        if self._channel.is_pending(self._id) and self._channel.is_open:
             # Shielded: this often runs inside a cancelled handler, and the worker must hear it.
             with contextlib.suppress(LemonadeError, asyncio.CancelledError):
-                await asyncio.shield(self._channel._send(Cancel(id=self._id)))
+                await asyncio.shield(self._channel.send(Cancel(id=self._id)))
