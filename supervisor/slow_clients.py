@@ -6,10 +6,12 @@ keep-alive timer is not running while bytes arrive). This module puts a thin pro
 front of aiohttp's per-connection handler (:class:`GuardedRunner` hands it to the listening
 socket):
 
-* **header deadline**: a connection whose first request has not sent its whole header block
-  (up to the blank line) within ``header_timeout`` is closed. After the first request the
-  connection is aiohttp's, whose keep-alive timer closes it when idle; a request body that
-  dribbles is bounded by ``body_timeout`` where routes read it (``api/body.py``);
+* **header deadline**: a request's whole header block (up to the blank line) must arrive
+  within ``header_timeout`` of the connection opening, or, on a kept-alive connection, of the
+  next request's first byte; else the connection is closed. An idle kept-alive connection is
+  aiohttp's, whose keep-alive timer closes it; a request body that dribbles is bounded by
+  ``body_timeout`` (:func:`body_deadline`). The end of one request is known from its
+  response being prepared (:func:`response_prepared`, an ``on_response_prepare`` signal);
 * **connection cap**: at ``max_connections`` open connections, a new one first takes the
   place of the oldest connection that has not finished its first header block (the likely
   slowloris: measured with ``bench/slow_clients.py``, refusing newcomers instead let 300
@@ -66,6 +68,10 @@ def body_deadline(timeout_s: float) -> Any:
     return middleware
 
 
+#: The connection guards of the runner serving an app (see :class:`GuardedRunner`).
+GUARDS: web.AppKey[list[ConnectionGuard]] = web.AppKey("connection_guards")
+
+
 class GuardedProtocol(asyncio.Protocol):
     """Forwards everything to aiohttp's handler; closes a connection whose headers dawdle."""
 
@@ -76,11 +82,13 @@ class GuardedProtocol(asyncio.Protocol):
         self._deadline: asyncio.TimerHandle | None = None
         self._tail = b""  # the last bytes seen, to find "\r\n\r\n" across reads
         self._headers_done = False
+        self._next_request = False
         self._refused = False
 
     def connection_made(self, transport: Any) -> None:
         # Any: uvloop's transports are not subclasses of asyncio.Transport.
         self.transport = transport
+        self.guard.by_transport[transport] = self
         if not self.guard.admit(self):
             self._refused = True
             transport.write(_FULL)
@@ -104,9 +112,21 @@ class GuardedProtocol(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def answered(self) -> None:
+        """This connection's request has its response: the next bytes begin a new request."""
+        if self._headers_done:
+            self._headers_done = False
+            self._tail = b""
+            self._next_request = True  # the deadline starts with the next request's first byte
+
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
+        if self._next_request and data:
+            self._next_request = False
+            self.guard.stalled[self] = None
+            self._deadline = asyncio.get_running_loop().call_later(
+                self.guard.header_timeout_s, self._too_slow)
         if not self._headers_done:
             seen = self._tail + data
             if b"\r\n\r\n" in seen:
@@ -128,6 +148,7 @@ class GuardedProtocol(asyncio.Protocol):
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
+        self.guard.by_transport.pop(self.transport, None)
         if self._refused:
             return
         self.guard.release(self)
@@ -151,8 +172,10 @@ class ConnectionGuard:
         self.open = 0
         self.refused = 0
         self.cut = 0
-        #: Connections still waiting for their first header block, oldest first.
+        #: Connections still waiting for a request's header block, oldest first.
         self.stalled: dict[GuardedProtocol, None] = {}
+        #: Which protocol a request's transport belongs to (for :func:`response_prepared`).
+        self.by_transport: dict[Any, GuardedProtocol] = {}
 
     def admit(self, protocol: GuardedProtocol) -> bool:
         if self.max_connections is not None and self.open >= self.max_connections:
@@ -177,16 +200,31 @@ class ConnectionGuard:
         return getattr(self.server, name)
 
 
+async def response_prepared(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: the request on this connection is answered (server.py)."""
+    if request.transport is None:
+        return
+    for guard in request.app.get(GUARDS, ()):
+        protocol = guard.by_transport.get(request.transport)
+        if protocol is not None:
+            protocol.answered()
+
+
 class GuardedRunner(web.AppRunner):
     """An ``AppRunner`` whose sites listen through a :class:`ConnectionGuard`."""
 
-    __slots__ = ("_guard", "_guard_args")
+    __slots__ = ("_guard", "_guard_args", "_guards")
 
     def __init__(self, app: web.Application, *, header_timeout_s: float,
                  max_connections: int | None, **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
         self._guard: ConnectionGuard | None = None
         self._guard_args = (header_timeout_s, max_connections)
+        # The app reaches its guards (made when the server is) through this list, filled
+        # later: the app is frozen by then, the list is not.
+        self._guards: list[ConnectionGuard] = []
+        app[GUARDS] = self._guards
+        app.on_response_prepare.append(response_prepared)
 
     @property
     def server(self) -> Any:
@@ -197,6 +235,7 @@ class GuardedRunner(web.AppRunner):
             header_timeout_s, max_connections = self._guard_args
             self._guard = ConnectionGuard(inner, header_timeout_s=header_timeout_s,
                                           max_connections=max_connections)
+            self._guards.append(self._guard)
         return self._guard
 
     @property

@@ -95,6 +95,19 @@ def test_a_dribbled_header_block_is_cut_off_and_others_are_served(start_server) 
     assert result["closed"] is not None and result["closed"] < 15, result
 
 
+def test_a_kept_alive_connections_next_header_block_has_the_same_deadline(start_server) -> None:  # type: ignore[no-untyped-def]
+    server = start_server(CONFIG)
+    sock = _connect(server.url)
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    sock.settimeout(10)
+    assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+    time.sleep(1.5)  # idle between requests is fine: longer than header_timeout, no close
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # the next one dribbles
+    closed = _closed_within(sock, 20, b"X-Slow: " + b"a" * 200)
+    sock.close()
+    assert closed is not None and closed < 15, closed
+
+
 def test_a_dribbled_body_is_a_408(start_server) -> None:  # type: ignore[no-untyped-def]
     server = start_server(CONFIG)
     sock = _connect(server.url)
