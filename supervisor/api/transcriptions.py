@@ -10,19 +10,24 @@ streams one map per segment; this module turns the segments into OpenAI's respon
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from supervisor.api import schemas
 from supervisor.api.inference import infer
+from supervisor.api.keys import SETTINGS
 from supervisor.config_values import MODEL_NAME_RE
-from supervisor.errors import BadRequest, PayloadTooLarge, WorkerFailed
+from supervisor.errors import BadRequest, PayloadTooLarge, RequestTimeout, WorkerFailed
 from supervisor.units import parse_keep_alive
+
+T = TypeVar("T")
 
 routes = web.RouteTableDef()
 
@@ -71,7 +76,12 @@ class TranscriptionForm:
 
 
 async def read_form(request: web.Request) -> TranscriptionForm:
-    """Stream the multipart body with per-part limits; every problem is a 400 or 413."""
+    """Stream the multipart body with per-part limits; every problem is a 400 or 413.
+
+    A body that stops arriving for ``body_timeout`` is a 408: stall-based, so that a 25 MB
+    upload on a slow link is not cut off, while a client that dribbles nothing is.
+    """
+    stall_s = request.app[SETTINGS].body_timeout_s
     if request.content_type != "multipart/form-data":
         raise BadRequest(
             "this route takes multipart/form-data with a 'file' part and a 'model' field, "
@@ -81,13 +91,13 @@ async def read_form(request: web.Request) -> TranscriptionForm:
     try:
         reader = await request.multipart()
         parts = 0
-        while (part := await reader.next()) is not None:
+        while (part := await _within(stall_s, reader.next())) is not None:
             parts += 1
             if parts > MAX_PARTS:
                 raise BadRequest(f"the form has more than {MAX_PARTS} parts")
             if not isinstance(part, BodyPartReader):
                 raise BadRequest("nested multipart parts are not supported")
-            await _read_part(part, form)
+            await _read_part(part, form, stall_s)
     except (ValueError, AssertionError, KeyError, HttpProcessingError) as e:
         # aiohttp's multipart reader reports a missing boundary, broken framing or a bad
         # part header this way.
@@ -95,7 +105,15 @@ async def read_form(request: web.Request) -> TranscriptionForm:
     return form
 
 
-async def _read_part(part: BodyPartReader, form: TranscriptionForm) -> None:
+async def _within(stall_s: float, read: Awaitable[T]) -> T:
+    try:
+        async with asyncio.timeout(stall_s):
+            return await read
+    except TimeoutError:
+        raise RequestTimeout(f"the upload sent nothing for body_timeout ({stall_s:g}s)") from None
+
+
+async def _read_part(part: BodyPartReader, form: TranscriptionForm, stall_s: float) -> None:
     name = part.name
     if name is None:
         raise BadRequest("a form part has no name (Content-Disposition: form-data; name=...)")
@@ -103,11 +121,11 @@ async def _read_part(part: BodyPartReader, form: TranscriptionForm) -> None:
         if form.file is not None:
             raise BadRequest("'file' is given twice")
         form.filename = part.filename or ""
-        form.file = await _read_limited(part, MAX_UPLOAD_BYTES, too_large=PayloadTooLarge(
+        form.file = await _read_limited(part, MAX_UPLOAD_BYTES, stall_s, too_large=PayloadTooLarge(
             f"'file' is larger than the upload limit of {MAX_UPLOAD_BYTES} bytes "
             f"({MAX_UPLOAD_BYTES // 1_000_000} MB)"))
         return
-    raw = await _read_limited(part, MAX_FIELD_BYTES, too_large=BadRequest(
+    raw = await _read_limited(part, MAX_FIELD_BYTES, stall_s, too_large=BadRequest(
         f"form field '{name[:64]}' is longer than {MAX_FIELD_BYTES} bytes"))
     if name not in _TEXT_FIELDS and name != _GRANULARITIES:
         if name not in IGNORED_FIELDS:
@@ -125,10 +143,11 @@ async def _read_part(part: BodyPartReader, form: TranscriptionForm) -> None:
         form.fields[name] = value
 
 
-async def _read_limited(part: BodyPartReader, limit: int, *, too_large: Exception) -> bytes:
+async def _read_limited(part: BodyPartReader, limit: int, stall_s: float, *,
+                        too_large: Exception) -> bytes:
     """Read one part, stopping as soon as it passes ``limit`` bytes."""
     buffer = bytearray()
-    while chunk := await part.read_chunk(_READ_CHUNK):
+    while chunk := await _within(stall_s, part.read_chunk(_READ_CHUNK)):
         buffer += chunk
         if len(buffer) > limit:
             raise too_large

@@ -167,6 +167,27 @@ def test_at_max_connections_of_busy_clients_a_newcomer_gets_a_503(start_server) 
             sock.close()
 
 
+def test_a_stalled_upload_is_a_408(start_server) -> None:  # type: ignore[no-untyped-def]
+    server = start_server(CONFIG)
+    sock = _connect(server.url)
+    sock.sendall(b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                 b"Content-Type: multipart/form-data; boundary=XyZ\r\n"
+                 b"Content-Length: 100000\r\n\r\n"
+                 b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="a.wav"'
+                 b"\r\n\r\nRIFF")  # then nothing more
+    sock.settimeout(15)
+    answer = b""
+    while not answer.endswith(b"}"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        answer += chunk
+    sock.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert "body_timeout (1s)" in json.loads(body)["error"]["message"]
+
+
 def test_past_max_waiting_a_request_that_would_wait_is_a_503(start_server) -> None:  # type: ignore[no-untyped-def]
     server = start_server(CONFIG)
     results: list[int] = []
