@@ -64,7 +64,7 @@ def parse_json_object(raw: bytes, *, allow_empty: bool = False) -> dict[str, Any
     except ValueError as e:  # e.g. an integer with too many digits
         raise BadRequest(f"request body is not valid JSON: {e}") from None
     if not isinstance(value, dict):
-        raise BadRequest(f"request body must be a JSON object, not {_json_type(value)}")
+        raise BadRequest(f"request body must be a JSON object, not {json_type(value)}")
     _depth(value)
     return value
 
@@ -74,7 +74,8 @@ async def read_body(request: web.Request, *, allow_empty: bool = False) -> Body:
     return Body(parse_json_object(await request.read(), allow_empty=allow_empty))
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
+    """How a message names a JSON value's type: "a string", "an array", "null"."""
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -112,7 +113,7 @@ class Body:
                 raise BadRequest(f"'{name}' is required", code="missing_field", param=name)
             return default
         if not isinstance(value, str):
-            raise BadRequest(f"'{name}' must be a string, not {_json_type(value)}", param=name)
+            raise BadRequest(f"'{name}' must be a string, not {json_type(value)}", param=name)
         if not allow_empty and not value.strip():
             raise BadRequest(f"'{name}' must not be empty", param=name)
         if len(value) > max_len:
@@ -130,7 +131,7 @@ class Body:
         if value is None:
             return default
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise BadRequest(f"'{name}' must be a number, not {_json_type(value)}", param=name)
+            raise BadRequest(f"'{name}' must be a number, not {json_type(value)}", param=name)
         if not math.isfinite(value) or not low <= value <= high:
             raise BadRequest(f"'{name}' must be between {low:g} and {high:g}, got {value}",
                              param=name)
@@ -141,7 +142,7 @@ class Body:
         if value is None:
             return default
         if not isinstance(value, bool):
-            raise BadRequest(f"'{name}' must be true or false, not {_json_type(value)}",
+            raise BadRequest(f"'{name}' must be true or false, not {json_type(value)}",
                              param=name)
         return value
 

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import jsonschema
 from aiohttp import web
 
-from supervisor.api.body import Body, parse_json_object
+from supervisor.api.body import Body, json_type, parse_json_object
 from supervisor.config_values import MODEL_NAME_RE
 from supervisor.errors import BadRequest
 
@@ -671,20 +671,6 @@ _TYPE_WORDS = {"string": "a string", "number": "a number", "integer": "an intege
                "null": "null"}
 
 
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
-
-
 def _where(path: Iterable[Any]) -> str:
     out = ""
     for part in path:
@@ -739,7 +725,7 @@ def _describe(error: jsonschema.ValidationError, root: str = "the request body",
     if kind == "type":
         types = value if isinstance(value, list) else [value]
         words = " or ".join(_TYPE_WORDS.get(str(t), str(t)) for t in types if t != "null")
-        return f"{name} must be {words}, not {_json_type(instance)}", field, "invalid_request"
+        return f"{name} must be {words}, not {json_type(instance)}", field, "invalid_request"
     if kind == "enum":
         choices = ", ".join(str(v) for v in value if v is not None)
         return f"{name} must be one of {choices}; got {_short(instance)}", field, \

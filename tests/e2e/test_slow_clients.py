@@ -62,6 +62,21 @@ def _closed_within(sock: socket.socket, seconds: float, dribble: bytes = b"") ->
     return None
 
 
+def _assert_408(sock: socket.socket) -> None:
+    """Read the server's whole answer on ``sock``: a 408 that names body_timeout."""
+    sock.settimeout(15)
+    answer = b""
+    while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        answer += chunk
+    sock.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert "body_timeout (1s)" in json.loads(body)["error"]["message"]
+
+
 def _health_ok(url: str) -> bool:
     with urllib.request.urlopen(url + "/health", timeout=10) as response:
         return response.status == 200
@@ -113,17 +128,7 @@ def test_a_dribbled_body_is_a_408(start_server) -> None:  # type: ignore[no-unty
     sock = _connect(server.url)
     sock.sendall(b"POST /api/v1/load HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                  b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model")
-    sock.settimeout(15)
-    answer = b""
-    while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        answer += chunk
-    sock.close()
-    head, _, body = answer.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 408"), answer[:200]
-    assert "body_timeout (1s)" in json.loads(body)["error"]["message"]
+    _assert_408(sock)
     assert server.model("slow")["state"] == "unloaded"  # nothing was done with half a body
 
 
@@ -175,17 +180,7 @@ def test_a_stalled_upload_is_a_408(start_server) -> None:  # type: ignore[no-unt
                  b"Content-Length: 100000\r\n\r\n"
                  b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="a.wav"'
                  b"\r\n\r\nRIFF")  # then nothing more
-    sock.settimeout(15)
-    answer = b""
-    while not answer.endswith(b"}"):
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        answer += chunk
-    sock.close()
-    head, _, body = answer.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 408"), answer[:200]
-    assert "body_timeout (1s)" in json.loads(body)["error"]["message"]
+    _assert_408(sock)
 
 
 def test_past_max_waiting_a_request_that_would_wait_is_a_503(start_server) -> None:  # type: ignore[no-untyped-def]
