@@ -49,6 +49,18 @@ def charges(slot: Slot, device: str | None) -> tuple[int, dict[str, int]]:
     return 0, {device: recipe.memory_bytes or 0}
 
 
+def holds_memory(slot: Slot) -> bool:
+    return slot.state in _RESIDENT_STATES
+
+
+def held(slot: Slot) -> tuple[int, dict[str, int]]:
+    """(RAM bytes, {device: bytes}) a resident slot is charged: a load in progress its
+    reservation, a loaded model its measured (or estimated) cost where it was placed."""
+    if slot.state is State.LOADING:
+        return slot.reserved_bytes, dict(slot.reserved_device_bytes)
+    return charges(slot, slot.placed_device)
+
+
 def target_of(slot: Slot, device: str | None = None) -> policy.Target:
     recipe = slot.recipe
     ram, others = charges(slot, device)
@@ -108,11 +120,7 @@ def residents(slots: Iterable[Slot], *, exclude: Slot) -> list[policy.Resident]:
         if s.state is State.LOADING and not s.admitted:
             continue  # still queued for room: it holds nothing yet
         state = _RESIDENT_STATES[s.state]
-        # A load in progress holds its reservation; a loaded model its measured cost.
-        if s.state is State.LOADING:
-            ram, others = s.reserved_bytes, dict(s.reserved_device_bytes)
-        else:
-            ram, others = charges(s, s.placed_device)
+        ram, others = held(s)
         if s.state is State.READY and s.waiters:
             # Just loaded, and the requests that waited for that load have not picked it up
             # yet: evicting it now would starve them (two models under a cap of one would

@@ -24,14 +24,12 @@ import psutil
 from supervisor import policy
 from supervisor.lifecycle import State
 from supervisor.manager import Manager
-from supervisor.placement import charges
-
-_HOLDING = (State.READY, State.STOPPING, State.LOADING)
+from supervisor.placement import held, holds_memory
 
 
 def memory_by_device(slot: Any) -> dict[str, int]:
     """What a model holds (or has reserved) on each device right now."""
-    if slot.state not in _HOLDING:
+    if not holds_memory(slot):
         return {}
     if slot.state is State.LOADING:
         out = {policy.CPU: slot.reserved_bytes, **slot.reserved_device_bytes}
@@ -46,11 +44,9 @@ def device_rows(manager: Manager) -> list[dict[str, Any]]:
     """The ``devices`` section of the status (call after ``manager.refresh_memory()``)."""
     ours: dict[str, int] = {}
     for slot in manager.slots.values():
-        if slot.state not in _HOLDING:
+        if not holds_memory(slot):
             continue
-        ram, others = charges(slot, slot.placed_device)
-        if slot.state is State.LOADING:
-            ram, others = slot.reserved_bytes, dict(slot.reserved_device_bytes)
+        ram, others = held(slot)
         for device, n in {policy.CPU: ram, **others}.items():
             ours[device] = ours.get(device, 0) + n
     ram = psutil.virtual_memory()
