@@ -58,6 +58,14 @@ class Admission:
     def limits(self) -> policy.Limits:
         return limits(self.manager.settings, self.budget_for_models(), self.inventory.budgets())
 
+    def devices_for(self, slot: Slot) -> list[str | None]:
+        """Where the slot may go, in the order tried (the cluster backend overrides this)."""
+        return candidate_devices(slot, self.inventory.gpus)
+
+    def room_key(self, device: str | None) -> str:
+        """The budget whose room breaks ties between candidates placed on ``device``."""
+        return policy.CPU if device is None else device
+
     def _candidates(self, slot: Slot, now: float) -> list[Candidate]:
         slots = self.manager.slots.values()
         if any(d.seen for d in self.inventory.devices.values()):
@@ -66,9 +74,9 @@ class Admission:
         others = residents(slots, exclude=slot)
         rules = self.limits()
         out = []
-        for device in candidate_devices(slot, self.inventory.gpus):
+        for device in self.devices_for(slot):
             outcome = policy.plan_admission(target_of(slot, device), others, rules, now)
-            key = policy.CPU if device is None else device
+            key = self.room_key(device)
             budget = dict(rules.budgets()).get(key)
             used = sum(r.charge(key) for r in others)
             evicted = 0

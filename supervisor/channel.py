@@ -136,6 +136,7 @@ class Channel:
         writer: asyncio.StreamWriter,
         *,
         on_broken: Callable[[str], None],
+        on_lost: Callable[[str], None] | None = None,
         hang_timeout_s: float = 30.0,
     ) -> None:
         self.model = model
@@ -144,6 +145,8 @@ class Channel:
         self._reader = reader
         self._writer = writer
         self._on_broken = on_broken
+        #: Called when the connection ends by itself (EOF, a socket error), not by close().
+        self._on_lost = on_lost
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         self._write_lock = asyncio.Lock()
@@ -173,7 +176,7 @@ class Channel:
                                             f"{FRAME_BODY_DEADLINE_S}s") from None
                 if not data:
                     frames.check_eof()
-                    self._close("the worker closed its connection")
+                    self._close("the worker closed its connection", lost=True)
                     return
                 for msg in frames.feed(data, loop.time()):
                     pending = self._route(msg)
@@ -190,7 +193,7 @@ class Channel:
             log.warning("worker for %s broke the protocol: %s", self.model, e)
             self._close(f"the worker broke the protocol ({e})", broken=True)
         except (ConnectionError, OSError) as e:
-            self._close(f"the worker connection failed ({e})")
+            self._close(f"the worker connection failed ({e})", lost=True)
         except asyncio.CancelledError:
             self._close("the channel was closed")
             raise
@@ -215,7 +218,7 @@ class Channel:
         pending.put(msg)
         return pending
 
-    def _close(self, reason: str, *, broken: bool = False) -> None:
+    def _close(self, reason: str, *, broken: bool = False, lost: bool = False) -> None:
         if self.closed_reason is not None:
             return
         self.closed_reason = reason
@@ -227,6 +230,8 @@ class Channel:
         self._writer.close()
         if broken:
             self._on_broken(reason)
+        elif lost and self._on_lost is not None:
+            self._on_lost(reason)
 
     def close(self) -> None:
         self._close("the model was unloaded")

@@ -71,6 +71,11 @@ def main() -> None:
               help='A zygote with no live worker for this long ends (its memory comes back; '
                    'the next load starts a new one): "10m", 300; 0 = never. '
                    "[env LEMONADE_ZYGOTE_IDLE_TIMEOUT; default 10m]")
+@click.option("--cluster",
+              help='Run the models on a Ray cluster: "local" (start one here), "auto" (the '
+                   'cluster this machine is a node of), "HOST:PORT" (its head) or '
+                   '"ray://HOST:PORT"; needs the ray extra. [env LEMONADE_CLUSTER; default: '
+                   "this machine only]")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               help="[env LEMONADE_LOG_LEVEL; default info]")
 @click.option("--access-log/--no-access-log", "access_log", default=None,
@@ -183,12 +188,21 @@ def status(url: str | None, as_json: bool) -> None:
         click.echo(_table([["DEVICE", "TOTAL", "BUDGET", "OUR MODELS", "OTHERS", "FREE"]] + [
             [d["name"] + ("" if d["seen"] else " (declared)")
              + (" releasing" if d.get("releasing") else ""),
-             format_bytes(d["total_bytes"]), format_bytes(d["budget_bytes"]),
-             format_bytes(d["used_by_models_bytes"]), format_bytes(d["used_by_others_bytes"]),
-             format_bytes(d["free_bytes"])] for d in devices]))
+             *(_amount(d, d[key]) for key in ("total_bytes", "budget_bytes",
+                                               "used_by_models_bytes", "used_by_others_bytes",
+                                               "free_bytes"))] for d in devices]))
+        click.echo("")
+    cluster = data.get("cluster")
+    if cluster:
+        click.echo(f"Ray cluster {cluster['address']}:")
+        click.echo(_table([["NODE", "ADDRESS", "ALIVE", "RESOURCES"]] + [
+            [n["name"], n["address"], "yes" if n["alive"] else "no",
+             ", ".join(f"{k}={format_bytes(int(v)) if k.endswith('memory') else f'{v:g}'}"
+                       for k, v in sorted(n["resources"].items())
+                       if not k.startswith("node:"))] for n in cluster["nodes"]]))
         click.echo("")
     rows = [["MODEL", "TYPE", "STATE", "PID", "RSS", "VRAM", "IDLE TIMEOUT", "SET BY",
-             "EXPIRES IN", "LAST UNLOAD"]]
+             "EXPIRES IN", "LAST UNLOAD", *(["NODE"] if cluster else [])]]
     for m in data["models"]:
         timeout = m["idle_timeout_s"]
         last = m["last_eviction"]["reason"] if m["last_eviction"] else "-"
@@ -199,6 +213,7 @@ def status(url: str | None, as_json: bool) -> None:
             _vram_cell(m),
             format_duration(float("inf") if timeout is None else timeout),
             m["idle_timeout_source"], _expires_in(m["expires_at"], m), last,
+            *([m.get("node") or "-"] if cluster else []),
         ])
     click.echo(_table(rows))
     for line in loading_lines(data["models"]):
@@ -209,6 +224,13 @@ def status(url: str | None, as_json: bool) -> None:
         click.echo(_table([["KIND", "STATE", "PID", "RSS", "WORKERS", "IDLE EXIT IN", "FORKS"]] + [
             [z["kind"], z["state"], str(z["pid"] or "-"), format_bytes(z["rss_bytes"] or None),
              str(z.get("workers", "-")), _idle_exit_in(z), str(z["forks"])] for z in zygotes]))
+
+
+def _amount(device: dict[str, Any], n: int | None) -> str:
+    """A device figure: bytes, or for a Ray resource (``unit`` thousandths) its units."""
+    if device.get("unit") == "thousandths":
+        return "-" if n is None else f"{n / 1000:g}"
+    return format_bytes(n)
 
 
 def _vram_cell(model: dict[str, Any]) -> str:

@@ -45,6 +45,7 @@ from supervisor.config_values import (
     parse_preload,
     parse_zygotes,
 )
+from supervisor.cluster_config import parse_cluster, parse_resources
 from supervisor.device_config import DeviceBudget, parse_budget_list, parse_device_table
 from supervisor.device_config import merge as merge_device_budgets
 from supervisor.units import parse_size
@@ -139,10 +140,13 @@ class Recipe:
     #: Requests that may wait beyond ``max_concurrency``; more get 429 (None: no limit).
     max_queue: int | None = None
     options: Mapping[str, Any] = field(default_factory=FrozenDict)
+    #: Ray resources one worker needs on its node (cluster mode only; cluster_config.py).
+    resources: Mapping[str, float] = field(default_factory=FrozenDict)
     source: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "options", _freeze(self.options))
+        object.__setattr__(self, "resources", _freeze(self.resources))
 
 
 @dataclass(frozen=True)
@@ -204,6 +208,9 @@ class Settings:
     #: After a GPU worker exits, the next load on that GPU waits at most this long for the
     #: driver to show its memory free (devices.py).
     vram_release_wait_s: float = 5.0
+    #: Where models run: None = this machine; "local", "auto" or an address = a Ray cluster
+    #: (cluster_config.py, supervisor/cluster/).
+    cluster: str | None = None
     config_path: str | None = None
     sources: Mapping[str, str] = field(default_factory=FrozenDict)
 
@@ -264,6 +271,7 @@ _SERVER_KEYS: tuple[_ServerKey, ...] = tuple(
         ("body_timeout", "body_timeout_s", duration(positive=True), ""),
         ("max_connections", "max_connections", parse_max_loaded, ""),
         ("max_waiting", "max_waiting", parse_max_loaded, ""),
+        ("cluster", "cluster", parse_cluster, ""),
     )
 )
 _SERVER_FILE_KEYS = (*(k.key for k in _SERVER_KEYS), "max_loaded_per_type")
@@ -271,7 +279,7 @@ _CLI_KEYS = ("config", "recipes", "device_budget", *(k.key for k in _SERVER_KEYS
 _DEVICE_BUDGETS_ENV = "LEMONADE_DEVICE_BUDGETS"
 _MODEL_KEYS = tuple(
     "recipe type device fallback idle_timeout priority memory vram group pinned preload warmup "
-    "max_concurrency max_queue options".split()
+    "max_concurrency max_queue resources options".split()
 )
 _GROUP_KEYS = ("exclusive",)
 _SERVER_FIELDS = (*(k.field for k in _SERVER_KEYS), "max_loaded_per_type", "api_key")
@@ -466,6 +474,7 @@ def _parse_model(name: str, raw: Any, path: str, kinds: Callable[[], tuple[str, 
         max_concurrency=max_concurrency,
         max_queue=max_queue,
         options=options,
+        resources=parse_resources(table["resources"], at) if "resources" in table else {},
         source=path,
     )
 

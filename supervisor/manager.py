@@ -25,7 +25,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from supervisor import policy, reload
 from supervisor.admission import Admission
@@ -48,6 +48,9 @@ from supervisor.watching import Watcher
 from supervisor.worker_start import WorkerStarter
 from supervisor.zygote_pool import ZygotePool
 from workers.protocol import ErrorCode
+
+if TYPE_CHECKING:
+    from supervisor.cluster.ray_backend import RayBackend
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +97,20 @@ class Manager:
         self.zygotes: ZygotePool | None = None
         #: The GPUs and declared devices, their budgets and probe readings (devices.py).
         self.inventory = Inventory(settings, probe)
+        #: The Ray cluster models run on, when ``cluster`` is set (supervisor/cluster/;
+        #: imported only then, so the one-machine server never imports Ray).
+        self.cluster: RayBackend | None = None
+        self._cluster_refresh: asyncio.Task[None] | None = None
         #: Device choice, eviction planning and reservations (admission.py).
-        self.admission = Admission(self, self.inventory)
+        self.admission: Admission
+        if settings.cluster:
+            from supervisor.cluster.admission import ClusterAdmission
+            from supervisor.cluster.ray_backend import RayBackend
+
+            self.cluster = RayBackend(settings)
+            self.admission = ClusterAdmission(self, self.inventory, self.cluster)
+        else:
+            self.admission = Admission(self, self.inventory)
         self.memory_budget_bytes = self.admission.memory_budget_bytes
         #: Starting a worker process and loading the model into it (worker_start.py).
         self.starter = WorkerStarter(self)
@@ -114,6 +129,14 @@ class Manager:
     async def start(self) -> None:
         self.runtime_dir = create_runtime_dir(self.runtime_base)
         self._heartbeat = asyncio.create_task(self.watcher.heartbeat_loop(), name="heartbeat")
+        if self.cluster is not None:
+            # Workers run on the cluster's nodes, so no zygote here: nothing local to fork.
+            self.cluster.connect()
+            self._cluster_refresh = asyncio.create_task(self.cluster.refresh_loop(),
+                                                        name="cluster-nodes")
+            for name in effective_preload(self.settings):
+                self.spawn_task(self._preload(name), f"preload-{name}")
+            return
         self.zygotes = ZygotePool(self.settings.zygotes,
                                   worker_environment(data_dir=self.settings.data_dir),
                                   start_timeout_s=self.settings.handshake_timeout_s,
@@ -160,6 +183,11 @@ class Manager:
         if self.zygotes is not None:
             # Only after every worker is gone: a zygote's exit kills the workers it forked.
             await self.zygotes.close()
+        if self._cluster_refresh is not None:
+            self._cluster_refresh.cancel()
+            await asyncio.gather(self._cluster_refresh, return_exceptions=True)
+        if self.cluster is not None:
+            self.cluster.close()
         if self.runtime_dir is not None:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
@@ -630,7 +658,9 @@ class Manager:
         return self.admission.budget_for_models()
 
     def worker_pids(self) -> list[int]:
-        return [int(s.worker.pid) for s in self.slots.values() if s.worker is not None]
+        """This machine's worker pids (a worker on a cluster node has another machine's)."""
+        return [int(s.worker.pid) for s in self.slots.values()
+                if s.worker is not None and not s.worker.remote]
 
     def refresh_memory(self) -> None:
         vram = self.inventory.refresh(self.worker_pids()) if self.inventory.devices else {}

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import psutil
 
 from supervisor import policy
+from supervisor.cluster import nodes
 from supervisor.config import Settings
 from supervisor.lifecycle import Slot, State
 from workers.kinds import KINDS
@@ -42,6 +43,8 @@ def charges(slot: Slot, device: str | None) -> tuple[int, dict[str, int]]:
     recipe = slot.recipe
     if device is None or device == policy.CPU:
         return slot.cost_bytes(), {}
+    if device.startswith(nodes.NODE_PREFIX):  # a node of a Ray cluster
+        return nodes.charges(slot, device)
     if slot.measured_device == device and slot.measured_device_bytes is not None:
         return slot.measured_ram_bytes or 0, {device: slot.measured_device_bytes}
     if recipe.vram_bytes is not None:

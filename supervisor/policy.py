@@ -213,9 +213,10 @@ def plan_admission(
             return Refusal(
                 status=409,
                 message=(
-                    f"cannot load {target.name!r}: it needs {_fmt_bytes(target.charge(device))} "
+                    f"cannot load {target.name!r}: it needs "
+                    f"{_fmt_amount(device, target.charge(device))} "
                     f"{'' if device == CPU else f'on {device} '}but "
-                    f"{_budget_name(device)} is {_fmt_bytes(budget)}"
+                    f"{_budget_name(device)} is {_fmt_amount(device, budget)}"
                 ),
                 blocking=(),
             )
@@ -368,8 +369,8 @@ def _greedy(
         if used + need <= budget:
             continue
         name = _budget_name(device)
-        rule = (f"{name}={_fmt_bytes(budget)} is exceeded "
-                f"({_fmt_bytes(used)} in use + {_fmt_bytes(need)} needed)")
+        rule = (f"{name}={_fmt_amount(device, budget)} is exceeded "
+                f"({_fmt_amount(device, used)} in use + {_fmt_amount(device, need)} needed)")
         # Freeing a model that holds nothing on this device does not help, so it is never
         # chosen. A stopping model is leaving whatever its priority, so it may be counted on.
         pool = [
@@ -384,8 +385,9 @@ def _greedy(
             take(r, EvictionReason.MEMORY, rule)
             used -= r.charge(device)
         if used + need > budget:
-            rule = (f"{name}={_fmt_bytes(budget)} is exceeded "
-                    f"({_fmt_bytes(used)} cannot be freed + {_fmt_bytes(need)} needed)")
+            rule = (f"{name}={_fmt_amount(device, budget)} is exceeded "
+                    f"({_fmt_amount(device, used)} cannot be freed + "
+                    f"{_fmt_amount(device, need)} needed)")
             in_the_way = sorted((r for r in left() if r.charge(device) > 0),
                                 key=lambda r: r.name)
             return _Stuck(
@@ -490,6 +492,15 @@ def _refuse_for_now(
             r.name for r in blockers if r.state in (ResidentState.LOADING, ResidentState.STOPPING)
         ),
     )
+
+
+def _fmt_amount(device: str, n: int) -> str:
+    """Bytes, except on a device named ``NODE/RESOURCE`` other than ``NODE/ram``: a Ray
+    resource of a cluster node, planned in thousandths of a unit (supervisor/cluster/nodes.py)."""
+    _node, slash, resource = device.partition("/")
+    if slash and resource != "ram":
+        return f"{n / 1000:g} {resource}"
+    return _fmt_bytes(n)
 
 
 def _fmt_bytes(n: int) -> str:

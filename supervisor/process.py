@@ -81,6 +81,10 @@ def worker_environment(
 class WorkerProcess:
     """One running worker: process, connected socket streams, output forwarders."""
 
+    #: A worker on another machine (supervisor/cluster/ray_backend.py): its pid is not one
+    #: of this machine's.
+    remote = False
+
     def __init__(
         self,
         model: str,
@@ -224,6 +228,14 @@ class WorkerProcess:
             except ValueError:
                 return f"killed by signal {-code}"
         return f"exited with code {code}"
+
+    def note_reported_memory(self, memory: dict[str, int]) -> None:
+        """What the worker said it holds (its load reply, each pong). A local worker is
+        measured here instead (:meth:`rss_bytes`); a remote one has only this."""
+
+    def connection_lost(self, reason: str) -> None:
+        """The socket ended while the process may live. Locally nothing to do: the process
+        ends on EOF, and the exit watcher sees it through ``waitpid``."""
 
     def last_output(self, lines: int = 5) -> str:
         return " | ".join(list(self.output_tail)[-lines:])

@@ -22,6 +22,7 @@ from typing import Any
 import psutil
 
 from supervisor import policy
+from supervisor.cluster import nodes
 from supervisor.lifecycle import State
 from supervisor.manager import Manager
 from supervisor.placement import held, holds_memory
@@ -59,6 +60,18 @@ def device_rows(manager: Manager) -> list[dict[str, Any]]:
     for row in manager.inventory.describe():
         row["used_by_models_bytes"] = ours.get(row["name"], 0)
         rows.append(row)
+    if manager.cluster is not None:
+        # Each Ray node's budgets (cluster/nodes.py): NODE/ram in bytes, NODE/<resource> in
+        # thousandths of a unit.
+        for name, budget in sorted(manager.admission.limits().device_budgets.items()):
+            rows.append({
+                "name": name, "label": "Ray node", "seen": True, "total_bytes": budget,
+                "budget_bytes": budget, "headroom_bytes": 0,
+                "used_by_models_bytes": ours.get(name, 0), "used_by_others_bytes": None,
+                "free_bytes": max(0, budget - ours.get(name, 0)), "releasing": False,
+                "node": name.partition("/")[0],
+                "unit": "bytes" if name.endswith("/" + nodes.RAM) else "thousandths",
+            })
     return rows
 
 
@@ -79,6 +92,7 @@ def model_rows(manager: Manager) -> list[dict[str, Any]]:
             "in_flight": slot.in_flight,
             "waiting": slot.waiters,
             "device": slot.device or recipe.device,
+            "node": nodes.node_of(slot.placed_device),
             "idle_timeout_s": None if math.isinf(timeout.seconds) else timeout.seconds,
             "idle_timeout_source": timeout.source,
             "expires_at": _iso(slot.timer.expires_at) if slot.timer.armed else None,

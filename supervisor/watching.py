@@ -71,5 +71,6 @@ class Watcher:
         except LemonadeError:
             return  # the channel closed: the exit watcher handles it
         if slot.worker is worker:
+            worker.note_reported_memory(pong.memory)
             slot.vram_bytes = pong.memory.get("vram", 0)
             slot.rss_bytes = worker.rss_bytes() or pong.memory.get("rss", 0)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from supervisor import policy
 from supervisor.channel import Channel
+from supervisor.cluster import nodes
 from supervisor.errors import GatewayTimeout, LemonadeError, WorkerFailed
 from supervisor.lifecycle import Slot
 from supervisor.process import WorkerProcess
@@ -50,18 +51,27 @@ class WorkerStarter:
         loop = asyncio.get_running_loop()
         started = loop.time()
         slot.spawn_seq += 1
+        on_node = nodes.node_of(slot.placed_device) is not None
         try:
-            worker = await WorkerProcess.spawn(
-                model=recipe.name, kind=recipe.kind, runtime_dir=m.runtime_dir,
-                seq=slot.spawn_seq, handshake_timeout_s=m.settings.handshake_timeout_s,
-                max_concurrency=recipe.max_concurrency, data_dir=m.settings.data_dir,
-                zygotes=m.zygotes,
-                on_bar=functools.partial(m.load_progress.take_bar, recipe.name),
-            )
+            if on_node:
+                assert m.cluster is not None
+                worker: WorkerProcess = await m.cluster.launch(
+                    recipe, slot.placed_device or "", data_dir=m.settings.data_dir,
+                    handshake_timeout_s=m.settings.handshake_timeout_s,
+                    max_concurrency=recipe.max_concurrency)
+            else:
+                worker = await WorkerProcess.spawn(
+                    model=recipe.name, kind=recipe.kind, runtime_dir=m.runtime_dir,
+                    seq=slot.spawn_seq, handshake_timeout_s=m.settings.handshake_timeout_s,
+                    max_concurrency=recipe.max_concurrency, data_dir=m.settings.data_dir,
+                    zygotes=m.zygotes,
+                    on_bar=functools.partial(m.load_progress.take_bar, recipe.name),
+                )
         except GatewayTimeout:
             raise self._timeout("handshake", loop.time() - started) from None
         channel = Channel(recipe.name, worker.reader, worker.writer,
                           on_broken=lambda reason: worker.kill(),
+                          on_lost=worker.connection_lost,
                           hang_timeout_s=m.settings.heartbeat_timeout_s)
 
         def report_progress(progress: Progress) -> None:
@@ -70,16 +80,17 @@ class WorkerStarter:
                                       total_bytes=progress.total_bytes)
 
         slot.worker, slot.channel = worker, channel
+        how = {"fork": "forked", "spawn": "spawned"}.get(
+            worker.started_by, f"started on Ray node {nodes.node_of(slot.placed_device)}")
         log.info("worker %d for %s %s (kind %s, hello after %.0f ms)", worker.pid, recipe.name,
-                 "forked" if worker.started_by == "fork" else "spawned", recipe.kind,
-                 worker.hello_seconds * 1000)
+                 how, recipe.kind, worker.hello_seconds * 1000)
         m.events.publish("spawned", recipe.name, pid=worker.pid, how=worker.started_by,
                             hello_seconds=round(worker.hello_seconds, 4))
         phase, started = "load", loop.time()
         try:
             loaded = await channel.load(
                 name=recipe.name, type=recipe.type,
-                device=slot.placed_device or recipe.device,
+                device=_worker_device(slot),
                 options=dict(recipe.options),
                 timeout_s=m.settings.load_timeout_s,  # without progress: stall-based
                 on_progress=report_progress,
@@ -102,10 +113,18 @@ class WorkerStarter:
             slot.info["warmup_seconds"] = round(warmup_s, 4)
         if worker.started_by == "fork" and m.zygotes is not None:
             m.zygotes.learn(recipe.kind)
+        worker.note_reported_memory(loaded.memory)
         slot.vram_bytes = loaded.memory.get("vram", 0)
         slot.rss_bytes = max(worker.rss_bytes(), loaded.memory.get("rss", 0))
         ram = worker.freed_on_exit_bytes() or slot.rss_bytes
-        if slot.placed_device not in (None, policy.CPU):
+        if on_node:
+            # Charged on its node (cluster/nodes.py): the RAM it reports. Its VRAM, if any,
+            # is inside the GPU resource Ray gave it.
+            slot.measured_device = slot.placed_device
+            slot.measured_ram_bytes = ram
+            slot.measured_device_bytes = slot.vram_bytes
+            slot.measured_cost_bytes = ram
+        elif slot.placed_device not in (None, policy.CPU):
             # Charged per device: the VRAM on its GPU (the driver's figure where the probe
             # lists the pid), the RAM on the CPU.
             by_driver = m.inventory.refresh(m.worker_pids()).get(worker.pid)
@@ -147,3 +166,12 @@ class WorkerStarter:
             log.debug("kind %s has no warmup", slot.recipe.kind)
             return None
         return loop.time() - started
+
+
+def _worker_device(slot: Slot) -> str:
+    """The ``device`` the worker loads onto: where it was placed, except that a model on a
+    Ray node uses the GPU Ray gave it (``CUDA_VISIBLE_DEVICES``) or the recipe's setting."""
+    recipe = slot.recipe
+    if nodes.node_of(slot.placed_device) is not None:
+        return "cuda" if recipe.resources.get("GPU") else recipe.device
+    return slot.placed_device or recipe.device

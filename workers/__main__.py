@@ -24,7 +24,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m workers",
         description="Lemonade worker: serves one model to the supervisor over a Unix socket.",
     )
-    parser.add_argument("--socket", required=True, help="Unix socket the supervisor listens on")
+    parser.add_argument("--socket", required=True, help="Unix socket the supervisor listens on, or tcp:HOST:PORT (a worker "
+                             "on a cluster node; its secret comes in LEMONADE_WORKER_TOKEN)")
     parser.add_argument("--kind", required=True, help="worker kind (see workers.registry)")
     parser.add_argument(
         "--parent-pid", required=True, type=int, help="pid of the supervisor that started us"

@@ -163,18 +163,31 @@ class Message:
 
 @dataclass(frozen=True)
 class Hello(Message):
-    """worker -> supervisor, first frame: who I am."""
+    """worker -> supervisor, first frame: who I am.
+
+    ``token`` is sent only over TCP (a worker on a cluster node, supervisor/cluster/): there
+    is no peer-pid check across machines, so the worker proves it is the one the supervisor
+    started with the per-worker secret it was given. A Unix-socket worker leaves it out.
+    """
 
     T: ClassVar[str] = "hello"
+    OPTIONAL_KEYS: ClassVar[frozenset[str]] = frozenset({"token"})
     v: int
     pid: int
     kind: str
+    token: str | None = None
+
+    def __repr__(self) -> str:  # never the secret in a log line or an error message
+        return f"Hello(v={self.v}, pid={self.pid}, kind={self.kind!r}, token=" \
+               f"{'<set>' if self.token else None})"
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> Hello:
         if type(d["v"]) is not int or type(d["pid"]) is not int or d["pid"] <= 0:
             _fail("hello: v and pid must be positive integers")
-        return cls(v=d["v"], pid=d["pid"], kind=_want_str(d["kind"], cls.T, "kind"))
+        token = d.get("token")
+        return cls(v=d["v"], pid=d["pid"], kind=_want_str(d["kind"], cls.T, "kind"),
+                   token=None if token is None else _want_str(token, cls.T, "token"))
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,12 @@ EXIT_OK = 0
 EXIT_ORPHANED = 1
 EXIT_PROTOCOL = 3
 
+#: ``--socket tcp:HOST:PORT`` connects over TCP (a worker on a Ray node) instead of a Unix
+#: socket; the per-worker secret its hello must carry comes in this variable (never argv,
+#: which ``ps`` shows), and is removed from the environment before the model loads.
+TCP_PREFIX = "tcp:"
+TOKEN_ENV = "LEMONADE_WORKER_TOKEN"
+
 _PR_SET_PDEATHSIG = 1
 _HEADER_BYTES = 4
 _MAX_COUNTER = 2**63 - 1  # the largest integer a memory field may carry
@@ -449,7 +455,8 @@ class WorkerRuntime:
     async def serve(self) -> NoReturn:
         global _current
         _current = self
-        await self.send(Hello(v=PROTOCOL_VERSION, pid=os.getpid(), kind=self.kind))
+        await self.send(Hello(v=PROTOCOL_VERSION, pid=os.getpid(), kind=self.kind,
+                              token=os.environ.pop(TOKEN_ENV, None)))
         while True:
             try:
                 message = await read_message(
@@ -689,8 +696,13 @@ async def _serve(socket_path: str, kind: str, max_threads: int,
     if kind_error is not None:
         log.error("%s", kind_error)
     try:
-        reader, writer = await asyncio.open_unix_connection(socket_path)
-    except OSError as e:
+        if socket_path.startswith(TCP_PREFIX):
+            # A worker on a cluster node: the supervisor is on another machine.
+            host, _, port = socket_path[len(TCP_PREFIX):].rpartition(":")
+            reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))
+        else:
+            reader, writer = await asyncio.open_unix_connection(socket_path)
+    except (OSError, ValueError) as e:
         log.error("cannot connect to supervisor at %s: %s", socket_path, e)
         _exit_now(EXIT_ORPHANED)
     runtime = WorkerRuntime(kind, model_class, kind_error, reader, writer, max_threads,

@@ -127,6 +127,8 @@ async def status(request: web.Request) -> web.Response:
         },
         "models": model_rows(manager),  # first: it refreshes what device_rows adds up
         "devices": device_rows(manager),
+        # The Ray cluster's nodes (their devices' budgets are in "devices"); null on one machine.
+        "cluster": manager.cluster.describe() if manager.cluster is not None else None,
     })
 
 

@@ -463,6 +463,7 @@ def _responses() -> dict[str, Schema]:
                       "enum": ["unloaded", "loading", "ready", "stopping", "failed"]},
             "pid": _NULLABLE_INT, "in_flight": {"type": "integer"},
             "waiting": {"type": "integer"}, "device": _NULLABLE_STRING,
+            "node": _NULLABLE_STRING,
             "idle_timeout_s": _NULLABLE_NUMBER, "idle_timeout_source": {"type": "string"},
             "expires_at": _NULLABLE_STRING, "last_used": _NULLABLE_STRING,
             "loaded_at": _NULLABLE_STRING, "load_seconds": _NULLABLE_NUMBER,
@@ -477,7 +478,8 @@ def _responses() -> dict[str, Schema]:
                                               "pid": {"type": "integer"},
                                               "uptime_s": {"type": "number"}},
                                              required=["version", "pid"]),
-                           "models": {"type": "array", "items": ref("ModelStatus")}},
+                           "models": {"type": "array", "items": ref("ModelStatus")},
+                           "cluster": {"type": "object", "nullable": True}},
                           required=["server", "models"]),
         "LoadResult": _object({
             "status": {"type": "string", "enum": ["success"]},

@@ -209,6 +209,7 @@ header_timeout = "3s"
 body_timeout = "4s"
 max_connections = 100
 max_waiting = 0
+cluster = "127.0.0.1:6379"
 """
     + MINIMAL_MODEL
 )
@@ -241,6 +242,7 @@ def test_every_server_key_from_file(tmp_path: Path) -> None:
     assert (s.handshake_timeout_s, s.warmup_timeout_s, s.admission_timeout_s) == (20, 40, 50)
     assert (s.header_timeout_s, s.body_timeout_s) == (3.0, 4.0)
     assert (s.max_connections, s.max_waiting) == (100, None)  # 0 = no cap
+    assert s.cluster == "127.0.0.1:6379"
     file_source = f"file {tmp_path / 'lemonade.toml'}"
     assert all(source == file_source for name, source in s.sources.items() if name != "api_key")
 
