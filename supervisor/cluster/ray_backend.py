@@ -33,7 +33,7 @@ import secrets
 import signal
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import ray
@@ -100,6 +100,12 @@ class RayBackend:
                             key=lambda n: n.name)
         self.refreshed_at = time.time()
 
+    async def refresh_soon(self) -> None:
+        """Read the node list now (an actor died: its node may be gone, and the next
+        placement must not choose it)."""
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(self.refresh)
+
     async def refresh_loop(self) -> None:
         while True:
             await asyncio.sleep(REFRESH_INTERVAL_S)
@@ -164,7 +170,7 @@ class RayBackend:
             max_concurrency=_ACTOR_THREADS, max_restarts=0,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False),
         ).remote()
-        handle = RayWorkerHandle(actor, node)
+        handle = RayWorkerHandle(actor, node, on_actor_lost=self.refresh_soon)
         try:
             started = time.perf_counter()
             info = await _until(deadline, actor.start.remote(
@@ -172,10 +178,12 @@ class RayBackend:
                 f"the worker of '{recipe.name}' to start on node {node.name}")
             handle.watch(int(info["pid"]))
             reader, writer = await self._accept(listener, handle, token, deadline, recipe.name)
-        except BaseException:
+        except BaseException as e:
             handle.kill()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(handle.wait(), KILL_CONFIRM_S)
+            if not isinstance(e, asyncio.CancelledError):
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(handle.wait(), KILL_CONFIRM_S)
+                await self.refresh_soon()
             raise
         finally:
             listener.close()
@@ -224,8 +232,10 @@ class RayBackend:
 class RayWorkerHandle:
     """A worker process on a Ray node, reached through its actor (``ProcessHandle``)."""
 
-    def __init__(self, actor: Any, node: nodes.Node) -> None:
+    def __init__(self, actor: Any, node: nodes.Node, *,
+                 on_actor_lost: Callable[[], Awaitable[None]] | None = None) -> None:
         self.actor = actor
+        self._on_actor_lost = on_actor_lost
         self.node = node
         self.pid = 0
         self.returncode: int | None = None
@@ -255,6 +265,10 @@ class RayWorkerHandle:
                 self.lost_reason = (f"its Ray actor ended ({type(error).__name__})"
                                     if error is not None else "its Ray actor was killed")
                 self.returncode = -signal.SIGKILL
+                if error is not None and self._on_actor_lost is not None:
+                    # Before the crash is reported: the reload it leads to must see the
+                    # node list as it is now (the node may be gone with the actor).
+                    await self._on_actor_lost()
         finally:
             for fut in (waiter, killed):
                 fut.cancel()
@@ -373,6 +387,11 @@ async def _until(deadline: float, ref: Any, what: str) -> Any:
     except TimeoutError:
         raise GatewayTimeout(f"timed out waiting for {what} (is a node with its resources "
                              f"free? Ray keeps the actor pending until one is)") from None
+    except ray.exceptions.RayActorError as e:
+        # The actor could not be placed or died on the way: its node left, most likely.
+        # Not the model's fault, so a 503 to retry (no load failure, no cooldown).
+        raise ServiceUnavailable(f"{what} failed: its Ray actor died ({_first_line(e)})",
+                                 code="node_lost", retry_after_s=1) from None
     except ray.exceptions.RayError as e:
         raise WorkerFailed(f"{what} failed in Ray: {_first_line(e)}") from None
 
