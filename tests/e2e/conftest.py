@@ -296,14 +296,18 @@ def dedent_config(config: str) -> str:
 
 
 def launch_server(config: str, directory: Path, *, env: dict[str, str] | None = None,
-                  args: Iterable[str] = ()) -> Server:
-    """Start a server; the caller must ``stop()`` it (and fail on what ``stop()`` returns)."""
+                  args: Iterable[str] = (), popen: Callable[..., Any] = subprocess.Popen,
+                  server_cls: type[Server] = Server) -> Server:
+    """Start a server; the caller must ``stop()`` it (and fail on what ``stop()`` returns).
+
+    ``popen`` starts the process (the cluster tests start it inside a network namespace)
+    and ``server_cls`` is what talks to it."""
     directory.mkdir(parents=True, exist_ok=True)
     config_path = directory / f"lemonade-{time.monotonic_ns()}.toml"
     config_path.write_text(dedent_config(config))
     cmd = [sys.executable, "-m", "supervisor.cli", "serve", "--config", str(config_path),
            "--port", "0", *args]
-    proc = subprocess.Popen(
+    proc = popen(
         cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         env=server_env(env), cwd=directory,
     )
@@ -314,7 +318,7 @@ def launch_server(config: str, directory: Path, *, env: dict[str, str] | None = 
     thread.start()
     ready.wait(STARTUP_TIMEOUT_S)
     match = next((m for m in map(LISTENING_RE.search, lines) if m), None)
-    server = Server(proc, "", config_path, lines, thread)
+    server = server_cls(proc, "", config_path, lines, thread)
     if match is None:
         problems = server.stop()
         pytest.fail("the server did not log 'listening on http://HOST:PORT' within "
