@@ -33,7 +33,7 @@ _ADDRESS_RE = re.compile(r"^(ray://)?(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5}
 #: Ray's resource names: letters, digits, ``_ - . /``; ``CPU`` and ``memory`` are Ray's own
 #: scheduling figures, which the planner does not use (workers ask for no CPUs; memory is
 #: the recipe's ``memory`` and the node's budget).
-_RESOURCE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-/]{0,63}$")
+_RESOURCE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.:\-/]{0,127}$")
 _RESERVED_RESOURCES = ("CPU", "memory", "object_store_memory")
 
 

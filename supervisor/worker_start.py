@@ -108,6 +108,8 @@ class WorkerStarter:
         slot.device = loaded.device
         slot.info = dict(loaded.info)
         slot.info["worker_start"] = worker.started_by
+        if worker.remote:
+            slot.info["ray_actor_pid"] = worker.handle.actor_pid  # type: ignore[attr-defined]
         slot.info["hello_seconds"] = round(worker.hello_seconds, 4)
         if warmup_s is not None:
             slot.info["warmup_seconds"] = round(warmup_s, 4)
