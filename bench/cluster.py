@@ -128,12 +128,16 @@ def _config(cluster: str | None, zygotes: str) -> str:
 
 
 def _cycle(server: ServerProcess, netns: Any, rounds: int) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {"load_wall": [], "load_seconds": [], "unload_wall": []}
+    out: dict[str, list[float]] = {"load_wall": [], "load_seconds": [], "unload_wall": [],
+                                   "hello": [], "actor": []}
     for _ in range(rounds):
         started = time.perf_counter()
         loaded = netns.call(server.request, "POST", "/api/v1/load", {"model_name": "syn"})
         out["load_wall"].append(time.perf_counter() - started)
         out["load_seconds"].append(float(loaded["load_seconds"]))
+        info = netns.call(server.model_row, "syn")["info"]
+        out["hello"].append(float(info.get("hello_seconds", 0.0)))
+        out["actor"].append(float(info.get("ray_actor_seconds", 0.0)))
         started = time.perf_counter()
         netns.call(server.request, "POST", "/api/v1/unload", {"model_name": "syn"})
         out["unload_wall"].append(time.perf_counter() - started)
@@ -173,10 +177,13 @@ def bench_cluster(rounds: int) -> None:
         load_p50, load_p99 = summary(values["load_wall"])
         unload_p50, unload_p99 = summary(values["unload_wall"])
         rows.append([label, load_p50, load_p99, statistics.median(values["load_seconds"]),
+                     statistics.median(values["actor"]), statistics.median(values["hello"]),
                      unload_p50, unload_p99, rss[label]])
-    print_table(f"Load and unload of a synthetic model, seconds ({rounds} rounds each)",
-                ["where", "load p50", "load p99", "load_seconds p50", "unload p50",
-                 "unload p99", "router RSS MiB"], rows)
+    print_table(f"Load and unload of a synthetic model, seconds ({rounds} rounds each; "
+                "'actor' = Ray placing the WorkerHost actor and it starting the worker, "
+                "'hello' = from the start to the worker's hello, actor included)",
+                ["where", "load p50", "load p99", "load_seconds p50", "actor p50",
+                 "hello p50", "unload p50", "unload p99", "router RSS MiB"], rows)
 
 
 def _netns_server(netns: Any, config: str, workdir: Path) -> ServerProcess:

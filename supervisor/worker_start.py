@@ -109,7 +109,9 @@ class WorkerStarter:
         slot.info = dict(loaded.info)
         slot.info["worker_start"] = worker.started_by
         if worker.remote:
-            slot.info["ray_actor_pid"] = worker.handle.actor_pid  # type: ignore[attr-defined]
+            handle = worker.handle  # type: ignore[attr-defined]
+            slot.info["ray_actor_pid"] = handle.actor_pid
+            slot.info["ray_actor_seconds"] = round(handle.actor_seconds, 4)
         slot.info["hello_seconds"] = round(worker.hello_seconds, 4)
         if warmup_s is not None:
             slot.info["warmup_seconds"] = round(warmup_s, 4)

@@ -176,6 +176,7 @@ class RayBackend:
             info = await _until(deadline, actor.start.remote(
                 connect, recipe.kind, max_concurrency, data_dir, token),
                 f"the worker of '{recipe.name}' to start on node {node.name}")
+            handle.actor_seconds = time.perf_counter() - started
             handle.actor_pid = int(info["host_pid"])
             handle.watch(int(info["pid"]))
             reader, writer = await self._accept(listener, handle, token, deadline, recipe.name)
@@ -240,6 +241,8 @@ class RayWorkerHandle:
         self.node = node
         self.pid = 0
         self.actor_pid = 0  # the WorkerHost actor's own process, on the same node
+        #: From asking Ray for the actor to the worker process started by it.
+        self.actor_seconds = 0.0
         self.returncode: int | None = None
         self.lost_reason: str | None = None
         self.tail: collections.deque[str] = collections.deque(maxlen=40)
