@@ -21,6 +21,7 @@ node with ``npu = 1`` holds one such model at a time and another one evicts it.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
 from collections.abc import Mapping
@@ -45,10 +46,14 @@ def parse_cluster(value: Any, where: str, textual: bool) -> str | None:
         return None
     text = as_str(value, where, expected)
     if text.lower() in CLUSTER_MODES:
-        return text.lower()
-    match = _ADDRESS_RE.match(text)
-    if match is None or not 0 < int(match.group(3)) < 65536:
-        fail(where, expected, value)
+        text = text.lower()
+    else:
+        match = _ADDRESS_RE.match(text)
+        if match is None or not 0 < int(match.group(3)) < 65536:
+            fail(where, expected, value)
+    if importlib.util.find_spec("ray") is None:
+        raise ConfigError(f"{where}: cluster = {text!r} needs Ray, which is not installed "
+                          "(pip install 'lemonade-supervisor[ray]')")
     return text
 
 

@@ -45,6 +45,7 @@ from supervisor.cluster.worker_host import WorkerHost
 from supervisor.config import Recipe, Settings
 from supervisor.errors import GatewayTimeout, ServiceUnavailable, WorkerFailed
 from supervisor.process import WorkerProcess
+from supervisor.rundir import StartupError
 from workers.protocol import MAX_WORKER_FRAME_BYTES, PROTOCOL_VERSION, Hello, ProtocolError
 from workers.protocol import read_message as read_frame
 from workers.runtime import TCP_PREFIX
@@ -56,6 +57,8 @@ REFRESH_INTERVAL_S = 1.0
 #: After ``ray.kill``, how long to wait for Ray to confirm the actor's end before the
 #: process counts as gone (a dead node's actors are confirmed only when the node is).
 KILL_CONFIRM_S = 10.0
+#: How long a head's address may take to accept a TCP connection at start.
+HEAD_PROBE_S = 10.0
 #: A worker whose connection ended gets this long to exit by itself before it is killed.
 LINGER_S = 2.0
 #: Actor threads: one always waits for the worker's exit; the others answer signal/tail.
@@ -83,11 +86,18 @@ class RayBackend:
         common: dict[str, Any] = {"namespace": "lemonade", "configure_logging": False,
                                   "log_to_driver": True}
         started = time.perf_counter()
-        if self.address == "local":
-            ray.init(include_dashboard=False, **common)
-            self._started_ray = True
-        else:
-            ray.init(address=self.address, **common)
+        try:
+            if self.address == "local":
+                ray.init(include_dashboard=False, **common)
+                self._started_ray = True
+            else:
+                _probe_head(self.address)
+                ray.init(address=self.address, **common)
+        except StartupError:
+            raise
+        except Exception as e:  # ConnectionError, RuntimeError: one line, not a traceback
+            raise StartupError(f"cannot join the Ray cluster {self.address!r} (cluster "
+                               f"setting): {_first_line(e)}") from None
         self.advertise_host = ray.util.get_node_ip_address()
         self._host_class = ray.remote(WorkerHost)
         self.refresh()
@@ -378,6 +388,21 @@ class RemoteWorkerProcess(WorkerProcess):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self.exited), KILL_CONFIRM_S + 2)
         return self.proc.returncode if self.proc.returncode is not None else -signal.SIGKILL
+
+
+def _probe_head(address: str) -> None:
+    """Fail in seconds, not minutes, when nothing listens at a head's ``HOST:PORT`` (Ray's own
+    connect retries for minutes). Ray Client and "auto" addresses are left to Ray."""
+    if address == "auto" or address.startswith("ray://"):
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=HEAD_PROBE_S):
+            pass
+    except OSError as e:
+        raise StartupError(f"cannot join the Ray cluster {address!r} (cluster setting): "
+                           f"nothing answers there ({e.strerror or e}); start its head with "
+                           f"`ray start --head --port={port}`, or check the address") from None
 
 
 async def _resolve(ref: Any) -> Any:

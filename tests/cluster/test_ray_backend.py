@@ -7,7 +7,8 @@ Checked here: a model that needs ``accel`` lands on ``accel-node`` and a second 
 the first there and nothing else; unloading ends the worker process and its actor on the
 node; killing the worker, or the whole node, is a crash that the next request recovers from
 (on the other node when the model fits there); the idle timer unloads a model on a node;
-the status and ``lemonade status`` show each model's node and each node's budgets. The HTTP
+the status and ``lemonade status`` show each model's node and each node's budgets; and
+``cluster = "local"`` starts a Ray of the server's own, which ends with the server. The HTTP
 calls are made with the ``openai`` client where a user would use it.
 """
 
@@ -232,3 +233,25 @@ def test_status_and_the_cli_show_nodes(fresh: NetnsServer,
     assert "Ray cluster" in out and "accel-node" in out and "NODE" in out
     acc_line = next(line for line in out.splitlines() if line.startswith("acc-a "))
     assert acc_line.rstrip().endswith("accel-node")
+
+
+def test_cluster_local_starts_a_ray_of_its_own_and_ends_it(
+        loopback_netns: Any, tmp_path: Path) -> None:
+    config = CONFIG.split("[models.acc-a]")[0].replace('cluster = "{address}"',
+                                                        'cluster = "local"')
+    config += '\n[models.solo]\nrecipe = "synthetic"\nmemory = "50MiB"\n'
+    server = launch_server(config, tmp_path, popen=loopback_netns.popen, server_cls=NetnsServer)
+    assert isinstance(server, NetnsServer)
+    server.netns = loopback_netns
+    try:
+        pid = server.load("solo")["pid"]
+        row = server.model("solo")
+        nodes = server.status()["cluster"]["nodes"]
+        assert len(nodes) == 1 and row["node"] == nodes[0]["name"]
+        assert pid in {p.pid for p in psutil.Process(server.pid).children(recursive=True)}
+    finally:
+        problems = server.stop()
+    assert not problems, problems
+    # Its Ray ended with it: nothing but the namespace's holder is left inside.
+    wait_for(lambda: loopback_netns.pids_inside() == [loopback_netns.holder_pid], CRASH_S,
+             what="the server's own Ray processes to end")

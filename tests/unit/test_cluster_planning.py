@@ -205,3 +205,14 @@ def test_resources_in_a_recipe(tmp_path: Path) -> None:
 
 def test_the_one_machine_server_does_not_import_ray() -> None:
     assert "ray" not in sys.modules or "supervisor.cluster.ray_backend" in sys.modules
+
+
+def test_a_cluster_without_ray_installed_is_a_config_error_naming_the_extra(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "ray" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"needs Ray.*lemonade-supervisor\[ray\]"):
+        parse_cluster("auto", "[server] cluster", False)
