@@ -160,3 +160,13 @@ def test_no_config_file_warns_where_it_looked_and_still_starts(tmp_path: Path) -
         problems = server.stop()
     assert not problems, problems
     assert proc.returncode == 0
+
+
+def test_a_ray_head_that_does_not_answer_is_one_line_at_once(tmp_path: Path) -> None:
+    pytest.importorskip("ray", reason="the ray extra is not installed")
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    line = one_line(serve_once(tmp_path, TONE, "--cluster", f"127.0.0.1:{port}"))
+    assert line.startswith(f"lemonade: cannot join the Ray cluster '127.0.0.1:{port}'")
+    assert "nothing answers there" in line and "ray start --head" in line
