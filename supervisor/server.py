@@ -2,7 +2,8 @@
 
 Order matters: stop accepting connections, let handlers finish (bounded), then retire every
 worker (the manager's cleanup), so no worker outlives the server. The real listening address
-is logged, which matters when port 0 asked the kernel to pick one.
+is logged, which matters when port 0 asked the kernel to pick one, and so is the dashboard's
+URL (``/ui``).
 
 What can be checked before anything starts is checked first, and fails as one line
 (:class:`supervisor.rundir.StartupError`, shown by the CLI without a traceback): the data dir
@@ -24,6 +25,7 @@ from aiohttp import web
 
 from supervisor.api.app import create_app
 from supervisor.api.config_reload import reload_now
+from supervisor.api.dashboard import UI_PATH
 from supervisor.api.keys import MANAGER, RELOADER
 from supervisor.config import Settings
 from supervisor.config_values import ConfigError
@@ -76,6 +78,9 @@ async def serve(settings: Settings, reloader: Callable[[], Settings] | None = No
             host, port = address[0], address[1]
             shown = f"[{host}]" if ":" in host else host
             log.info("lemonade %s listening on http://%s:%d", _models_line(settings), shown, port)
+        if runner.addresses:
+            host, port = runner.addresses[0][0], runner.addresses[0][1]
+            log.info("dashboard: http://%s:%d%s", _browsable(host), port, UI_PATH)
         await stop.wait()
         log.info("shutting down: finishing requests, then stopping every worker")
     finally:
@@ -137,6 +142,16 @@ def _no_config_line(settings: Settings) -> str:
              if settings.models else "starting with no models")
     return (f"no config file found: no --config, no LEMONADE_CONFIG, and no {looked}; "
             f"{start}")
+
+
+def _browsable(host: str) -> str:
+    """The host of a URL a browser on this machine can open: a wildcard bind (``0.0.0.0``,
+    ``::``) is reached through the loopback address."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
 
 
 def _models_line(settings: Settings) -> str:

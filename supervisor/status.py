@@ -122,7 +122,10 @@ def model_rows(manager: Manager) -> list[dict[str, Any]]:
     return out
 
 
-def _iso(wall: float | None) -> str | None:
-    if wall is None:
-        return None
+def iso_time(wall: float) -> str:
+    """``2026-12-02T18:21:44.123Z``: the form every time in the status has."""
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(wall)) + f".{int(wall % 1 * 1000):03d}Z"
+
+
+def _iso(wall: float | None) -> str | None:
+    return None if wall is None else iso_time(wall)

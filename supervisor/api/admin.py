@@ -25,7 +25,7 @@ from supervisor.api.keys import MANAGER, METRICS, SHUTTING_DOWN, STARTED_AT
 from supervisor.errors import BadRequest
 from supervisor.lifecycle import State
 from supervisor.liveness import stalls
-from supervisor.status import device_rows, model_rows
+from supervisor.status import device_rows, iso_time, model_rows
 
 routes = web.RouteTableDef()
 
@@ -53,6 +53,10 @@ OPENAPI_PATHS: dict[str, dict[str, Any]] = {
         "Unload one model, or all without model_name", request="UnloadRequest",
         request_required=False, ok=schemas.json_response("UnloadResult"),
         error_statuses=(*schemas.BODY_ROUTE, "404", "409", "503", "504"))},
+    "/api/v1/pin": {"post": schemas.operation(
+        "Pin a model (never evicted, no idle timer) or unpin it; loads nothing",
+        request="PinRequest", ok=schemas.json_response("PinResult"),
+        error_statuses=(*schemas.BODY_ROUTE, "404"))},
     "/api/v1/timeout": {"post": schemas.operation(
         "Set the idle timeout of one model or of all", request="TimeoutRequest",
         ok=schemas.json_response("TimeoutResult"),
@@ -116,6 +120,8 @@ async def status(request: web.Request) -> web.Response:
             "version": __version__,
             "pid": os.getpid(),
             "uptime_s": round(time.time() - request.app[STARTED_AT], 3),
+            # The server's clock, so a client counts down to expires_at without trusting its own.
+            "time": iso_time(time.time()),
             "auto_unload_timer_s": _seconds_or_never(global_timeout),
             "auto_unload_timer_source": global_source,
             "max_loaded_models": settings.max_loaded_models,
@@ -129,6 +135,9 @@ async def status(request: web.Request) -> web.Response:
         "devices": device_rows(manager),
         # The Ray cluster's nodes (their devices' budgets are in "devices"); null on one machine.
         "cluster": manager.cluster.describe() if manager.cluster is not None else None,
+        # The last lifecycle events, so a client that connects late (the dashboard) can show
+        # what happened before it listened.
+        "recent_events": manager.events.recent(),
     })
 
 
@@ -173,6 +182,22 @@ async def unload(request: web.Request) -> web.Response:
         "unloaded": [name] if was_loaded else [],
         "message": None if was_loaded else f"model '{name}' was not loaded",
     })
+
+
+@routes.post("/api/v1/pin")
+async def pin(request: web.Request) -> web.Response:
+    """Pin or unpin without loading: a pinned model is never a victim and has no idle timer;
+    unpinning a ready, idle model starts its timer now."""
+    manager = request.app[MANAGER]
+    body = await schemas.read_valid_body(request, "PinRequest")
+    name = body.model_name("model_name")
+    assert name is not None
+    pinned = body.boolean("pinned", default=False)  # required by the schema
+    slot = manager.slot(name)  # 404 for a name that is not configured
+    slot.pinned_override = pinned
+    manager.became_idle(slot)  # cancels the timer when pinned, arms it when not (if idle)
+    return web.json_response({"status": "success", "model_name": name,
+                              "pinned": slot.pinned, "state": slot.state.value})
 
 
 @routes.post("/api/v1/timeout")

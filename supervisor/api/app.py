@@ -23,6 +23,7 @@ from supervisor.api import (
     chat,
     compat,
     config_reload,
+    dashboard,
     embeddings,
     ollama,
     openai,
@@ -132,6 +133,7 @@ def create_app(settings: Settings, *, runtime_base: str | None = None,
     app.add_routes(ollama.routes)
     app.add_routes(openapi_routes)
     app.add_routes(config_reload.routes)
+    app.add_routes(dashboard.routes)
 
     async def manager_lifetime(app: web.Application) -> AsyncIterator[None]:
         await manager.start()

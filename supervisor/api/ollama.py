@@ -4,8 +4,9 @@ Routes: ``POST /api/chat``, ``POST /api/generate`` (NDJSON streams by default, o
 with ``"stream": false``), ``POST /api/embed``, the older ``POST /api/embeddings``, ``GET
 /api/tags``, ``POST /api/show``, ``GET /api/ps``, ``GET /api/version``, and ``GET /`` (and
 ``HEAD /``): Ollama answers its root with a plain-text liveness line, which Ollama clients
-use to see that a server is there. No dashboard or other route uses ``/`` here, so it
-answers likewise, 200 ``text/plain``, in its own words (``Lemonade Supervisor is running``).
+use to see that a server is there, so it answers likewise, 200 ``text/plain``, in its own
+words (``Lemonade Supervisor is running``); only a browser (an ``Accept`` that prefers
+``text/html``) is redirected (303) to the dashboard at ``/ui``.
 
 Each route is a thin adapter over :mod:`supervisor.api.inference` (the lease, the call, the
 stream) and :mod:`supervisor.api.generation_args` (the checks), so a request reaches the
@@ -55,6 +56,7 @@ from aiohttp import web
 from supervisor import __version__
 from supervisor.api import generation_args, schemas
 from supervisor.api.body import Body
+from supervisor.api.dashboard import UI_PATH, prefers_html
 from supervisor.api.embeddings import as_floats, embed
 from supervisor.api.inference import Inference, infer, relay, require_model_type, text_chunk
 from supervisor.api.keys import MANAGER, STARTED_AT
@@ -529,6 +531,9 @@ async def version(request: web.Request) -> web.Response:
 
 @routes.get("/")
 async def root(request: web.Request) -> web.Response:
-    """Ollama's liveness line (Ollama clients probe ``/``); no dashboard lives here."""
+    """Ollama's liveness line (Ollama clients probe ``/``); a browser is sent to the
+    dashboard instead (``/ui``, see :func:`supervisor.api.dashboard.prefers_html`)."""
+    if prefers_html(request.headers.get("Accept")):
+        raise web.HTTPSeeOther(UI_PATH)
     return web.Response(text=LIVENESS_TEXT)
 

@@ -242,8 +242,11 @@ OPENAPI_PATHS: dict[str, dict[str, Any]] = {
                            "no idle timer runs)", "RunningModels", statuses=schemas.ANY_ROUTE)},
     "/api/version": {"get": _op("The server's version (Ollama's route)", "OllamaVersion",
                                 statuses=schemas.ANY_ROUTE)},
-    "/": {"get": {"summary": "Liveness, as Ollama answers it (plain text)",
+    "/": {"get": {"summary": "Liveness, as Ollama answers it (plain text); a browser "
+                             "(Accept prefers text/html) is redirected to the dashboard",
                   "responses": {"200": {"description": "running", "content": {
                       "text/plain": {"schema": {"type": "string"}}}},
+                      "303": {"description": "to the dashboard (/ui), for a browser",
+                              "headers": {"Location": {"schema": {"type": "string"}}}},
                       **schemas.ollama_errors(schemas.ANY_ROUTE)}}},
 }

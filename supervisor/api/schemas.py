@@ -325,6 +325,10 @@ def _requests() -> dict[str, Schema]:
             "model_name": nullable(model_name("*")),
             "idle_timeout": idle_timeout(),
         }, required=["idle_timeout"], closed=True),
+        "PinRequest": _object({
+            "model_name": model_name("*"),
+            "pinned": {"type": "boolean"},
+        }, required=["model_name", "pinned"], closed=True),
         "ModelTimeoutRequest": _object({
             "timeout_seconds": number(compat.MIN_TIMEOUT_S, 365 * 86400),
         }, required=["timeout_seconds"], closed=True),
@@ -476,9 +480,17 @@ def _responses() -> dict[str, Schema]:
         }, required=["name", "kind", "type", "state", "pid", "memory", "pinned"]),
         "Status": _object({"server": _object({"version": {"type": "string"},
                                               "pid": {"type": "integer"},
-                                              "uptime_s": {"type": "number"}},
+                                              "uptime_s": {"type": "number"},
+                                              "time": {"type": "string"}},
                                              required=["version", "pid"]),
                            "models": {"type": "array", "items": ref("ModelStatus")},
+                           "recent_events": {
+                               "type": "array", "description": "the last lifecycle events "
+                               "(as /api/v1/events sent them), oldest first",
+                               "items": _object({"event": {"type": "string"},
+                                                 "model": _NULLABLE_STRING,
+                                                 "at": {"type": "number"}},
+                                                required=["event", "at"])},
                            "cluster": {"type": "object", "nullable": True}},
                           required=["server", "models"]),
         "LoadResult": _object({
@@ -493,6 +505,11 @@ def _responses() -> dict[str, Schema]:
             "unloaded": {"type": "array", "items": {"type": "string"}},
             "message": _NULLABLE_STRING,
         }, required=["status", "unloaded"]),
+        "PinResult": _object({
+            "status": {"type": "string", "enum": ["success"]},
+            "model_name": {"type": "string"}, "pinned": {"type": "boolean"},
+            "state": {"type": "string"},
+        }, required=["status", "model_name", "pinned", "state"]),
         "TimeoutResult": _object({
             "status": {"type": "string", "enum": ["success"]},
             "model_name": _NULLABLE_STRING,

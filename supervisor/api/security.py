@@ -2,7 +2,8 @@
 
 * API key (optional; required for a non-loopback bind): ``Authorization: Bearer <key>`` or
   ``x-api-key``, compared in constant time over SHA-256 digests, on every route but
-  ``/health``. The 401 is the same whether the key is missing or wrong.
+  ``/health`` and the dashboard's static files (:data:`OPEN_ROUTES`). The 401 is the same
+  whether the key is missing or wrong.
 * On a loopback bind the Host header must name this machine, so a DNS-rebinding page cannot
   reach us under its own name, and a browser's ``Origin``, when sent, must be a loopback one:
   bodies are read whatever their content type, so a cross-site form POST needs no preflight
@@ -20,14 +21,16 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import http_exceptions, web
 
+from supervisor.api import dashboard
 from supervisor.config import is_loopback_host
 from supervisor.errors import Forbidden, Unauthorized
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
-#: Routes anyone on the bind address may call even when an API key is set.
-OPEN_ROUTES = frozenset({"/health"})
+#: Routes anyone on the bind address may call even when an API key is set: liveness, and the
+#: dashboard's static files (they hold no data; the page asks for the key to read any).
+OPEN_ROUTES = frozenset({"/health", *dashboard.PATHS})
 _CORS_METHODS = "GET, POST, OPTIONS"
 _CORS_MAX_AGE_S = "600"
 _CORS_KEY = "lemonade.cors"

@@ -55,7 +55,7 @@ def test_openapi_document_lists_every_registered_route(start_server) -> None:  #
                  "/v1/completions", "/v1/embeddings", "/v1/audio/transcriptions",
                  "/api/v1/load", "/api/v1/unload", "/api/v1/timeout", "/api/v1/status",
                  "/api/ps", "/dev/unload", "/model/unload", "/model/timeout", "/health",
-                 "/metrics", "/openapi.json"):
+                 "/metrics", "/openapi.json", "/api/v1/pin", "/ui", "/ui/dashboard.js"):
         assert path in doc["paths"], path
     for path, operations in doc["paths"].items():
         for method, operation in operations.items():

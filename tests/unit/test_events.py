@@ -28,3 +28,16 @@ async def test_subscribers_do_not_share_their_losses() -> None:
         assert bus.take_dropped(slow) == 1
         assert bus.take_dropped(fast) == 0
     assert bus.published == _QUEUE_SIZE + 1
+
+
+def test_recent_keeps_the_last_events_but_progress() -> None:
+    from supervisor.events import HISTORY_SIZE, EventBus
+
+    bus = EventBus()
+    for n in range(HISTORY_SIZE + 5):
+        bus.publish("loaded", f"m{n}", pid=n)
+        bus.publish("progress", f"m{n}", fraction=0.5)
+    recent = bus.recent()
+    assert len(recent) == HISTORY_SIZE
+    assert {e["event"] for e in recent} == {"loaded"}
+    assert recent[0]["model"] == "m5" and recent[-1]["model"] == f"m{HISTORY_SIZE + 4}"
