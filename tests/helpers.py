@@ -12,6 +12,10 @@ import pytest
 
 from supervisor.config import Settings, load_settings
 
+#: Pids whose descendants the leak guard leaves alone: a module-scoped fixture's process that
+#: starts and ends children by itself between tests (a browser); the fixture ends the tree.
+LONG_LIVED_PROCESSES: set[int] = set()
+
 
 def shared_data_dir(factory: pytest.TempPathFactory) -> Path:
     """One data dir per test session, so converted weights (the LLM's GGUF) are built once
