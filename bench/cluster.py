@@ -22,6 +22,7 @@ Run: ``.venv/bin/python bench/cluster.py`` (about 2 minutes; ``--rounds`` sets N
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -188,12 +189,15 @@ def bench_cluster(rounds: int) -> None:
 
 def _netns_server(netns: Any, config: str, workdir: Path) -> ServerProcess:
     """A ServerProcess whose ``lemonade serve`` runs inside the namespace."""
+    from tests.cluster.ray_harness import HERMETIC_RAY_ENV
+
     path = workdir / "lemonade.toml"
     path.write_text(config)
     server = ServerProcess.__new__(ServerProcess)
     argv = ["nsenter", f"--net={netns.ns_path}", "--", sys.executable, "-m", "supervisor.cli",
             "serve", "--config", str(path), "--port", "0", "--log-level", "info"]
-    server._start(argv, workdir, None, 120.0)
+    env = {**os.environ, **HERMETIC_RAY_ENV, "HOME": str(workdir)}  # see the harness
+    server._start(argv, workdir, env, 120.0)
     return server
 
 

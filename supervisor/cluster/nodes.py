@@ -17,7 +17,7 @@ exclusive groups) apply across nodes exactly as on one machine.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 NODE_PREFIX = "node:"
@@ -70,6 +70,21 @@ def from_ray(raw: Mapping[str, Any]) -> Node:
         resources={str(k): float(v) for k, v in (raw.get("Resources") or {}).items()},
         labels=labels,
     )
+
+
+def unique_names(found: Iterable[Node]) -> list[Node]:
+    """Live nodes first, by name; a live node whose name another live node already has
+    (two machines given the same label) is told apart by its id, so their budgets and
+    placements never mix. Dead nodes keep their names: they are only listed."""
+    out: list[Node] = []
+    taken: set[str] = set()
+    for node in sorted(found, key=lambda n: (not n.alive, n.name, n.node_id)):
+        if node.alive and node.name in taken:
+            node = replace(node, name=f"{node.name}-{node.node_id[:6]}")
+        if node.alive:
+            taken.add(node.name)
+        out.append(node)
+    return out
 
 
 def node_of(placement: str | None) -> str | None:

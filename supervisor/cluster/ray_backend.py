@@ -76,7 +76,7 @@ class RayBackend:
         self.resource_names = sorted({name for r in settings.models.values()
                                       for name in r.resources})
         self._host_class: Any = None
-        self._started_ray = False
+        self._renamed: set[str] = set()  # node ids already warned about (unique_names)
         self.refreshed_at = 0.0
 
     # ------------------------------------------------------------ connect / close
@@ -89,7 +89,6 @@ class RayBackend:
         try:
             if self.address == "local":
                 ray.init(include_dashboard=False, **common)
-                self._started_ray = True
             else:
                 _probe_head(self.address)
                 ray.init(address=self.address, **common)
@@ -106,9 +105,15 @@ class RayBackend:
                  ", ".join(f"{n.name} ({n.address})" for n in self.nodes if n.alive) or "no nodes")
 
     def refresh(self) -> None:
-        self.nodes = sorted((nodes.from_ray(raw) for raw in ray.nodes()),
-                            key=lambda n: n.name)
+        found = [nodes.from_ray(raw) for raw in ray.nodes()]
+        self.nodes = nodes.unique_names(found)
         self.refreshed_at = time.time()
+        labels = {n.node_id: n.name for n in found}
+        for node in self.nodes:
+            if node.name != labels[node.node_id] and node.node_id not in self._renamed:
+                self._renamed.add(node.node_id)
+                log.warning("two live Ray nodes are called %s; the one with id %s is %s here",
+                            labels[node.node_id], node.node_id, node.name)
 
     async def refresh_soon(self) -> None:
         """Read the node list now (an actor died: its node may be gone, and the next
@@ -142,7 +147,8 @@ class RayBackend:
         return [n for n in self.nodes if n.alive]
 
     def node(self, name: str) -> nodes.Node | None:
-        return next((n for n in self.nodes if n.name == name), None)
+        """The live node of that name (a node that died and came back is listed twice)."""
+        return next((n for n in self.nodes if n.name == name and n.alive), None)
 
     def nodes_for(self, recipe: Recipe) -> list[nodes.Node]:
         """Live nodes that have (in total) every resource the recipe asks for."""
@@ -150,6 +156,7 @@ class RayBackend:
 
     def describe(self) -> dict[str, Any]:
         return {"address": self.address, "backend": "ray",
+                "nodes_read_at": self.refreshed_at,
                 "nodes": [n.describe() for n in self.nodes]}
 
     # ------------------------------------------------------------ launching

@@ -68,6 +68,13 @@ FAST_FAILURE_CONFIG = {
 
 GIB = 1024**3
 
+#: For every Ray process the tests start (nodes, drivers, routers that join the cluster).
+#: Ray 2.60 turns token authentication on for a new local ``ray.init()`` and writes
+#: ``~/.ray/auth_token``; a later ``ray start`` that finds the file enables it too, and then
+#: a node or driver without the token is refused. The test cluster runs without tokens (it is
+#: alone in its namespace), said explicitly so no token file anywhere changes that.
+HERMETIC_RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+
 
 def setns_net(path: str) -> None:
     """Move the calling thread into the network namespace at ``path`` (/proc/<pid>/ns/net)."""
@@ -323,16 +330,16 @@ class RayTestCluster:
         self._nodes: dict[str, _Node] = {}
         self._launcher: subprocess.Popen[str] | None = None
         try:
+            self.temp_dir = Path(tempfile.mkdtemp(prefix="ray", dir=temp_root))
+            if len(str(self.temp_dir)) > MAX_TEMP_DIR_LEN:
+                shutil.rmtree(self.temp_dir, ignore_errors=True)
+                self.temp_dir = Path(tempfile.mkdtemp(prefix="lemonade-ray", dir="/tmp"))
             self._launcher = self.netns.popen(
                 [PYTHON, "-c", _LAUNCHER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                 text=True, env=self._env())
             self.launcher_pid = self._launcher.pid
             if self._owned is not None:
                 self._owned.add(self.launcher_pid)
-            self.temp_dir = Path(tempfile.mkdtemp(prefix="ray", dir=temp_root))
-            if len(str(self.temp_dir)) > MAX_TEMP_DIR_LEN:
-                shutil.rmtree(self.temp_dir, ignore_errors=True)
-                self.temp_dir = Path(tempfile.mkdtemp(prefix="lemonade-ray", dir="/tmp"))
             self.specs = {
                 self.HEAD: NodeSpec(self.HEAD, num_cpus=num_cpus, memory=head_memory,
                                     port_base=20000),
@@ -469,7 +476,8 @@ class RayTestCluster:
     # -- node lifecycle ------------------------------------------------------------
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env["RAY_USAGE_STATS_ENABLED"] = "0"
+        env.update(HERMETIC_RAY_ENV)
+        env["HOME"] = str(self.temp_dir)  # Ray keeps state in ~/.ray: never the user's
         env.pop("RAY_ADDRESS", None)
         return env
 

@@ -24,7 +24,7 @@ import openai
 import psutil
 import pytest
 
-from tests.cluster.ray_harness import RayTestCluster
+from tests.cluster.ray_harness import HERMETIC_RAY_ENV, RayTestCluster
 from tests.e2e.conftest import HttpResult, Server, launch_server, wait_for
 from tests.helpers import process_gone
 
@@ -87,6 +87,7 @@ def server(_ray_cluster_session: RayTestCluster,
     cluster = _ray_cluster_session
     directory = Path(tmp_path_factory.mktemp("ray-backend"))
     started = launch_server(CONFIG.format(address=cluster.address), directory,
+                            env={**HERMETIC_RAY_ENV, "HOME": str(directory)},
                             popen=cluster.netns.popen, server_cls=NetnsServer)
     assert isinstance(started, NetnsServer)
     started.netns = cluster.netns
@@ -240,7 +241,10 @@ def test_cluster_local_starts_a_ray_of_its_own_and_ends_it(
     config = CONFIG.split("[models.acc-a]")[0].replace('cluster = "{address}"',
                                                         'cluster = "local"')
     config += '\n[models.solo]\nrecipe = "synthetic"\nmemory = "50MiB"\n'
-    server = launch_server(config, tmp_path, popen=loopback_netns.popen, server_cls=NetnsServer)
+    # Ray's defaults for a new local instance (token auth on, its token in ~/.ray): in a
+    # HOME of the test's own.
+    server = launch_server(config, tmp_path, env={"HOME": str(tmp_path)},
+                           popen=loopback_netns.popen, server_cls=NetnsServer)
     assert isinstance(server, NetnsServer)
     server.netns = loopback_netns
     try:

@@ -216,3 +216,13 @@ def test_a_cluster_without_ray_installed_is_a_config_error_naming_the_extra(
                         lambda name, *a: None if name == "ray" else real(name, *a))
     with pytest.raises(ConfigError, match=r"needs Ray.*lemonade-supervisor\[ray\]"):
         parse_cluster("auto", "[server] cluster", False)
+
+
+def test_node_names_stay_unique_among_live_nodes() -> None:
+    dead = nodes.from_ray(ray_node("gpu-box", memory=GiB, alive=False))
+    first = nodes.from_ray({**ray_node("gpu-box", memory=GiB), "NodeID": "a" * 56})
+    second = nodes.from_ray({**ray_node("gpu-box", memory=GiB), "NodeID": "b" * 56})
+    listed = nodes.unique_names([dead, second, first])
+    assert [(n.name, n.alive) for n in listed] == [
+        ("gpu-box", True), ("gpu-box-bbbbbb", True), ("gpu-box", False)]
+    assert set(nodes.budgets(listed, [])) == {"gpu-box/ram", "gpu-box-bbbbbb/ram"}
