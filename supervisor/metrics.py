@@ -188,6 +188,8 @@ def _device_gauges(manager: Manager) -> Iterator[GaugeMetricFamily]:
                              "Memory used on the device by our models or by other programs",
                              labels=["device", "by"])
     for row in rows:
+        if row.get("unit") == "thousandths":
+            continue  # a Ray node's resource (an accelerator count), not bytes
         for key, family in families.items():
             if row[key] is not None:
                 family.add_metric([row["name"]], row[key])
