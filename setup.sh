@@ -20,17 +20,24 @@ python3 -m venv .venv
 .venv/bin/pip install --disable-pip-version-check -e "$target"
 .venv/bin/pip install --disable-pip-version-check --no-deps -r requirements-nodeps.txt
 if [ "$target" = ".[test]" ]; then
-  # The dashboard tests drive the distribution's Chromium (Playwright's own download needs
-  # a network this project does not assume). Installed once; skipped quietly when present.
-  if command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium-browser ]; then
+  # System packages the tests drive: the distribution's Chromium for the dashboard tests
+  # (Playwright's own download needs a network this project does not assume), and `ip`
+  # (iproute2) for the Ray tests' loopback-only network namespace (unshare and nsenter come
+  # with util-linux). Installed once; nothing is done when they are present.
+  missing=""
+  command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium-browser ] \
+    || missing="$missing chromium"
+  command -v ip >/dev/null 2>&1 || [ -x /sbin/ip ] || missing="$missing iproute2"
+  if [ -z "$missing" ]; then
     :
   elif command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-    echo "setup.sh: installing chromium (apt-get) for the dashboard's browser tests"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+    echo "setup.sh: installing$missing (apt-get) for the browser and cluster tests"
+    # shellcheck disable=SC2086  # one word per package
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null \
       || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-             apt-get install -y -qq chromium >/dev/null; }
+             apt-get install -y -qq $missing >/dev/null; }
   else
-    echo "setup.sh: chromium is missing; the dashboard's browser tests will be skipped." \
-         "Install it (as root: apt-get install chromium) to run them." >&2
+    echo "setup.sh: missing$missing; the tests that need them will be skipped." \
+         "Install them (as root: apt-get install$missing) to run them." >&2
   fi
 fi
